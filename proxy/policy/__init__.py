@@ -1,0 +1,1 @@
+"""Declarative policies: the route catalog, contracts, policies and app bindings."""
