@@ -53,6 +53,16 @@ async def send_json(send: Send, status: int, payload: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None if the client went away first."""
+    chunks = []
+    while (message := await receive())["type"] == "http.request":
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+    return None
+
+
 def _issue(type_: str, loc: tuple[Any, ...], msg: str, value: Any) -> Issue:
     # One pydantic error item, as Mistral returns them under message.detail.
     return {"type": type_, "loc": ["body", *loc], "msg": msg, "input": value}
@@ -91,7 +101,7 @@ def _validate_chat(body: Any) -> list[Issue]:
 def _validate_embeddings(body: Any) -> list[Issue]:
     issues = _validate(body, EMBEDDING_FIELDS, {"model": str, "input": str | list})
     inputs = body.get("input", "-") if isinstance(body, dict) else "-"
-    if not inputs or isinstance(inputs, list) and not all(isinstance(t, str) for t in inputs):
+    if not inputs or (isinstance(inputs, list) and not all(isinstance(t, str) for t in inputs)):
         issues.append(_issue("type_error", ("input",),
                              "Input should be a string or a non-empty list of strings", inputs))
     return issues
@@ -132,13 +142,9 @@ def _thinking_chunk(text: str) -> dict[str, Any]:
     return {"type": "thinking", "thinking": [{"type": "text", "text": text}]}
 
 
-def _embed(text: str) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    return [round(b / 127.5 - 1.0, 6) for b in digest[:EMBEDDING_DIM]]
-
-
 def create_sandbox(*, api_key: str | None = None, stream_chunks: int = 20,
                    delay_s: float = 0.0) -> ASGIApp:
+    """`stream_chunks` data events per stream before [DONE], `delay_s` seconds apart."""
     if stream_chunks < 2:
         raise ValueError("stream_chunks must be >= 2: a role event plus a final event")
     if delay_s < 0:
@@ -186,9 +192,10 @@ def create_sandbox(*, api_key: str | None = None, stream_chunks: int = 20,
     async def embeddings(body: dict[str, Any], send: Send) -> Reply:
         texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
         tokens = sum(len(t) for t in texts) // 4 + len(texts)
-        return 200, {"id": uuid.uuid4().hex, "object": "list", "model": body["model"],
-                     "data": [{"object": "embedding", "embedding": _embed(t), "index": i}
-                              for i, t in enumerate(texts)],
+        digests = [hashlib.sha256(t.encode()).digest()[:EMBEDDING_DIM] for t in texts]
+        return 200, {"id": uuid.uuid4().hex, "object": "list", "model": body["model"], "data": [
+            {"object": "embedding", "embedding": [round(b / 127.5 - 1, 6) for b in d], "index": i}
+            for i, d in enumerate(digests)],
                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     posts = {"/v1/chat/completions": (_validate_chat, chat),
@@ -206,16 +213,10 @@ def create_sandbox(*, api_key: str | None = None, stream_chunks: int = 20,
             return 404, mistral_error("Not Found")
         if method != "POST":
             return 405, mistral_error("Method Not Allowed")
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        if (raw := await read_body(receive)) is None:
+            return None
         try:
-            body = orjson.loads(b"".join(chunks))
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
             return 400, mistral_error(f"Invalid JSON body: {exc}")
         validate, handle = posts[path]
@@ -224,12 +225,7 @@ def create_sandbox(*, api_key: str | None = None, stream_chunks: int = 20,
         return await handle(body, send)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":  # nothing to set up; answer so any server is happy
-            while True:
-                event = (await receive())["type"].removeprefix("lifespan.")
-                await send({"type": f"lifespan.{event}.complete"})
-                if event == "shutdown":
-                    return
+        # Nothing to set up, so lifespan and other non-http scopes are simply ignored.
         if scope["type"] == "http" and (reply := await respond(scope, receive, send)):
             await send_json(send, *reply)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,7 @@ from proxy.ledger.tables import ledger
 
 GENESIS = "0" * 64
 UNHASHED = frozenset({"id", "end_user", "end_user_salt", "row_hash"})
-HASHED = tuple(c.name for c in ledger.columns if c.name not in UNHASHED)
+HASHED = tuple(str(c.name) for c in ledger.columns if c.name not in UNHASHED)
 
 
 def canonical(row: Mapping[str, Any]) -> bytes:
@@ -92,3 +92,20 @@ class ChainCheck:
         self.expected_seq += 1
         self.rows += 1
         return None
+
+
+async def first_fault(rows: AsyncIterator[Mapping[str, Any]], writer_id: str,
+                      tombstones: dict[int, str], last_seq: int, last_hash: str
+                      ) -> tuple[int, Finding | None]:
+    """Check one chain, rows in seq order, against its recorded head (last_seq, last_hash)."""
+    check = ChainCheck(writer_id, tombstones)
+    async for row in rows:
+        found = check.feed(row)
+        if found:
+            return check.rows, found
+    while check.expected_seq in tombstones:
+        check.prev_hash = tombstones[check.expected_seq]
+        check.expected_seq += 1
+    if check.expected_seq - 1 != last_seq or check.prev_hash != last_hash:
+        return check.rows, Finding(writer_id, check.expected_seq, None, "missing")
+    return check.rows, None

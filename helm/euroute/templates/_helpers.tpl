@@ -87,6 +87,13 @@ hook and runs before the chart's own ServiceAccount exists.
 {{- end }}
 
 {{/*
+Name of the migration Job.
+*/}}
+{{- define "euroute.migrationJobName" -}}
+{{- printf "%s-migrate" (include "euroute.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
 Container image reference: repository@digest, or repository:tag (tag defaults
 to the chart appVersion).
 */}}
@@ -137,6 +144,9 @@ Validate the values that the schema cannot express; fail with a clear message.
 {{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) }}
 {{- $errors = append $errors "autoscaling.minReplicas must not exceed autoscaling.maxReplicas." }}
 {{- end }}
+{{- if and .Values.autoscaling.enabled (not .Values.autoscaling.targetCPUUtilizationPercentage) (not .Values.autoscaling.targetMemoryUtilizationPercentage) }}
+{{- $errors = append $errors "autoscaling.enabled needs autoscaling.targetCPUUtilizationPercentage or autoscaling.targetMemoryUtilizationPercentage." }}
+{{- end }}
 {{- if $errors }}
 {{- fail (printf "\n\neuroute: invalid values:\n  - %s\n" (join "\n  - " $errors)) }}
 {{- end }}
@@ -171,7 +181,7 @@ Volume and mount for /tmp (the root filesystem is read-only).
 {{- end }}
 {{- with .Values.tmpVolume.sizeLimit }}
 {{- $_ := set $emptyDir "sizeLimit" . }}
-{{- end }}
+{{- end -}}
 - name: tmp
   emptyDir: {{- toYaml $emptyDir | nindent 4 }}
 {{- end }}

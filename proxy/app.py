@@ -1,0 +1,111 @@
+"""The ASGI application: builds every piece once, in the lifespan, and wires the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy.endpoints import Gateway
+from proxy.errors import EurouteError, NotFound
+from proxy.keys import KeyCache
+from proxy.ledger.db import make_engine, migrate
+from proxy.ledger.writer import Writer
+from proxy.limits import Budgets
+from proxy.policy.live import LivePolicies
+from proxy.settings import Settings
+from proxy.upstream import make_client
+
+log = logging.getLogger("euroute")
+
+
+class _Late:
+    """Resolves the handler from the gateway built in the lifespan, at request time."""
+
+    __slots__ = ("app", "name")
+
+    def __init__(self, app: Starlette, name: str) -> None:
+        self.app, self.name = app, name
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await getattr(self.app.state.gateway, self.name)(scope, receive, send)
+
+
+def _error(exc: EurouteError) -> Response:
+    return Response(exc.render(), exc.status, media_type="application/json",
+                    headers={k.decode(): v.decode() for k, v in exc.headers()})
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 500)
+    if status == 404:
+        return _error(NotFound(f"no such endpoint: {request.method} {request.url.path}"))
+    failure = EurouteError(getattr(exc, "detail", "") or "request refused")
+    failure.status, failure.type = status, "invalid_request_error"
+    return _error(failure)
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return _error(EurouteError("internal error; the request id is in x-request-id"))
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        policies = LivePolicies(settings.resolved_policy_dir())
+        engine = make_engine(settings.database_url)
+        if settings.migrate_on_start:
+            await migrate(engine)
+        keys = KeyCache(engine, settings.key_refresh_s)
+        await keys.load()
+        writer = Writer(engine, batch_size=settings.ledger_batch_size,
+                        buffer_rows=settings.ledger_buffer_rows,
+                        max_outage_s=settings.ledger_max_outage_s)
+        client = make_client(settings)
+        gateway = Gateway(settings, policies, keys, writer, client,
+                          Budgets(engine, settings.budget_cache_s))
+        app.state.gateway, app.state.engine = gateway, engine
+        writer.start()
+        keys.start()
+        policies.start(settings.policy_poll_s)
+        # Only the main thread may take signals (not so when a test runs the server).
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policies.reload)
+        log.info("euroute ready: policies %s, ledger writer %s", policies.current.version[:12],
+                 writer.writer_id)
+        try:
+            yield
+        finally:
+            await policies.stop()
+            await keys.stop()
+            try:
+                await writer.close()
+            finally:
+                await client.aclose()
+                await engine.dispose()
+
+    app = Starlette(lifespan=lifespan,
+                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    late = {name: _Late(app, name) for name in
+            ("chat", "embeddings", "models", "healthz", "readyz", "metrics")}
+    app.router.routes.extend([
+        Route("/v1/chat/completions", late["chat"], methods=["POST"]),
+        Route("/v1/embeddings", late["embeddings"], methods=["POST"]),
+        Route("/v1/models", late["models"], methods=["GET"]),
+        Route("/healthz", late["healthz"], methods=["GET"]),
+        Route("/readyz", late["readyz"], methods=["GET"]),
+        Route("/metrics", late["metrics"], methods=["GET"]),
+    ])
+    return app

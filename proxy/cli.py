@@ -1,0 +1,282 @@
+"""The `euroute` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from proxy import keys, report
+from proxy.ledger import queries
+from proxy.ledger.db import make_engine, migrate
+from proxy.policy.decide import parse_narrowing
+from proxy.policy.load import PolicyError, read
+from proxy.settings import Settings
+
+Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
+
+
+def _err(*parts: Any) -> None:
+    print(*parts, file=sys.stderr)
+
+
+def _date(text: str) -> dt.datetime:
+    """A UTC instant from YYYY-MM-DD or an ISO timestamp (naive means UTC)."""
+    value = dt.datetime.fromisoformat(text)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _until(text: str) -> dt.datetime:
+    """`--to 2026-11-30` includes that whole day."""
+    value = _date(text)
+    return value + dt.timedelta(days=1) if len(text) == 10 else value
+
+
+async def _with_engine(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
+    engine = make_engine(settings.database_url)
+    try:
+        return await work(engine)
+    finally:
+        await engine.dispose()
+
+
+# -- serve, migrate ---------------------------------------------------------------------------
+
+async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(engine: Any) -> int:
+        await migrate(engine, args.revision)
+        _err(f"database at revision {args.revision}")
+        return 0
+    return await _with_engine(settings, work)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    try:
+        read(settings.resolved_policy_dir())
+    except PolicyError as exc:
+        _err(f"policy files are invalid:\n{exc}")
+        return 2
+    if settings.migrate_on_start:
+        # Once, here, not in every worker.
+        asyncio.run(_with_engine(settings, lambda e: migrate(e)))  # type: ignore[arg-type,return-value]
+        os.environ["EUROUTE_MIGRATE_ON_START"] = "false"
+    uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
+                workers=args.workers, loop="uvloop", http="httptools",
+                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30)
+    return 0
+
+
+# -- keys -------------------------------------------------------------------------------------
+
+async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        policies = read(settings.resolved_policy_dir())
+    except PolicyError as exc:
+        _err(f"policy files are invalid:\n{exc}")
+        return 2
+    policy = args.policy or (policies.apps[args.app].policy if args.app in policies.apps else None)
+    if policy is None:
+        _err(f"app {args.app!r} is not in apps.yaml: name a --policy")
+        return 2
+    if policy not in policies.policies:
+        _err(f"unknown policy {policy!r}; known: {', '.join(sorted(policies.policies))}")
+        return 2
+
+    async def work(engine: Any) -> int:
+        secret, record = await keys.create(engine, app=args.app, policy=policy, role=args.role)
+        print(secret)
+        _err(f"created {record.id}: app={record.app} role={record.role} policy={record.policy}"
+             " (the key is shown once; only its SHA-256 is stored)")
+        return 0
+    return await _with_engine(settings, work)
+
+
+async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(engine: Any) -> int:
+        print(report.render(await keys.listing(engine), args.format))
+        return 0
+    return await _with_engine(settings, work)
+
+
+async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(engine: Any) -> int:
+        if await keys.revoke(engine, args.key_id):
+            _err(f"revoked {args.key_id}; every replica refuses it within "
+                 f"{settings.key_refresh_s:g} s")
+            return 0
+        _err(f"no active key {args.key_id}")
+        return 1
+    return await _with_engine(settings, work)
+
+
+# -- policy -----------------------------------------------------------------------------------
+
+async def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
+    directory = settings.resolved_policy_dir()
+    try:
+        policies = read(directory)
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"{directory / problem.file}: {problem.key}: {problem.message}")
+        _err(f"{len(exc.problems)} problem(s)")
+        return 1
+    print(f"{directory}: OK, version {policies.version[:12]}: {len(policies.catalog.routes)} "
+          f"routes, {len(policies.policies)} policies, {len(policies.apps)} apps")
+    return 0
+
+
+async def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        policies = read(settings.resolved_policy_dir())
+        narrowing = parse_narrowing(args.require or "")
+    except (PolicyError, ValueError) as exc:
+        _err(str(exc))
+        return 2
+    if args.policy not in policies.policies:
+        _err(f"unknown policy {args.policy!r}; known: {', '.join(sorted(policies.policies))}")
+        return 2
+    decision = policies.decision(args.policy, args.model, narrowing)
+    if decision is None:
+        _err(f"no route serves model {args.model!r}; known: {', '.join(policies.by_model)}")
+        return 2
+    if args.format == "json":
+        print(report.to_json({**decision.as_dict(), "policy_version": policies.version,
+                              "admitted": [r.id for r in decision.routes]}).decode())
+        return 0
+    rows = []
+    for verdict in decision.verdicts:
+        if not verdict.enabled:
+            rows.append({"route": verdict.route.id, "requirement": "enabled", "result": "FAIL",
+                         "why": "route has no base URL configured"})
+        for check in verdict.checks:
+            rows.append({"route": verdict.route.id, "requirement": check.requirement,
+                         "result": "pass" if check.ok else "FAIL", "why": check.detail})
+    print(f"policy {args.policy} (version {policies.version[:12]}), model {args.model}"
+          + (f", narrowed by {', '.join(sorted(narrowing))}" if narrowing else ""))
+    print(f"models rule: {decision.model_check.detail}")
+    print(report.table(rows))
+    admitted = [r.id for r in decision.routes]
+    print(f"admitted, in order of preference: {', '.join(admitted) if admitted else 'none'}")
+    return 0
+
+
+# -- audit ------------------------------------------------------------------------------------
+
+async def cmd_audit_usage(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(engine: Any) -> int:
+        rows = await queries.usage(engine, start=args.start, end=args.end, group_by=args.group_by,
+                                   app=args.app, model=args.model, route=args.route,
+                                   policy=args.policy, outcome=args.outcome)
+        print(report.render(rows, args.format))
+        return 0
+    return await _with_engine(settings, work)
+
+
+async def cmd_audit_decision(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(engine: Any) -> int:
+        found = await queries.find(engine, args.id)
+        if found is None:
+            _err(f"no decision or request {args.id}")
+            return 1
+        print(report.to_json(found).decode())
+        return 0
+    return await _with_engine(settings, work)
+
+
+async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(engine: Any) -> int:
+        result = await queries.verify(engine)
+        if args.format == "json":
+            print(report.to_json(result).decode())
+        elif result["ok"]:
+            print(f"OK: {result['rows']} rows in {result['writers']} chains verified")
+        else:
+            print(f"FAILED after {result['rows']} good rows: {result['finding']}")
+        return 0 if result["ok"] else 1
+    return await _with_engine(settings, work)
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from proxy.demo import run
+
+    return asyncio.run(run(settings))
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def _filters(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="start", type=_date, help="start, YYYY-MM-DD or ISO time (UTC)")
+    p.add_argument("--to", dest="end", type=_until, help="end, inclusive for a plain date")
+    for name in ("app", "model", "route", "policy", "outcome"):
+        p.add_argument(f"--{name}", help=f"only this {name}")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="euroute", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(sync=cmd_serve)
+
+    p = sub.add_parser("migrate", help="apply database migrations")
+    p.add_argument("--revision", default="head")
+    p.set_defaults(run=cmd_migrate)
+
+    p = sub.add_parser("demo", help="a local end-to-end run: no API key, no internet")
+    p.set_defaults(sync=cmd_demo)
+
+    k = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    p = k.add_parser("create", help="create a key; prints it once, alone on stdout")
+    p.add_argument("--app", required=True)
+    p.add_argument("--policy", help="default: the app's policy in apps.yaml")
+    p.add_argument("--role", choices=keys.ROLES, default="app")
+    p.set_defaults(run=cmd_keys_create)
+    p = k.add_parser("list", help="list keys (never their secrets)")
+    p.add_argument("--format", choices=report.FORMATS, default="table")
+    p.set_defaults(run=cmd_keys_list)
+    p = k.add_parser("revoke", help="revoke a key by id")
+    p.add_argument("key_id")
+    p.set_defaults(run=cmd_keys_revoke)
+
+    pol = sub.add_parser("policy", help="policy files").add_subparsers(dest="policy_command",
+                                                                     required=True)
+    p = pol.add_parser("check", help="validate every policy file")
+    p.set_defaults(run=cmd_policy_check)
+    p = pol.add_parser("explain", help="every route against every requirement")
+    p.add_argument("--policy", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--require", help="narrowing, as in x-euroute-require (e.g. zdr,no-training)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=cmd_policy_explain)
+
+    aud = sub.add_parser("audit", help="query the ledger").add_subparsers(dest="audit_command",
+                                                                        required=True)
+    p = aud.add_parser("usage", help="requests, tokens and cost")
+    _filters(p)
+    p.add_argument("--group-by", choices=queries.GROUPS, default="app")
+    p.add_argument("--format", choices=report.FORMATS, default="table")
+    p.set_defaults(run=cmd_audit_usage)
+    p = aud.add_parser("decision", help="one decision (or request) by id")
+    p.add_argument("id")
+    p.set_defaults(run=cmd_audit_decision)
+    p = aud.add_parser("verify", help="check the hash chains; non-zero exit on tampering")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=cmd_audit_verify)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = Settings()
+    if getattr(args, "sync", None):
+        return int(args.sync(args, settings))
+    return asyncio.run(args.run(args, settings))

@@ -1,0 +1,242 @@
+"""OpenAI <-> Mistral: what a request may carry, what it needs, and how answers come back.
+
+Requests are rebuilt from a whitelist, never passed through blindly: Mistral rejects unknown
+fields with 422, and OpenAI-only fields (`user`, `store`, `metadata`, ...) must not leak.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from typing import Any
+
+import orjson
+
+from proxy.errors import BadRequest
+
+# OpenAI chat field -> Mistral field; the value is checked by the type named.
+_CHAT = {
+    "messages": ("messages", list),
+    "temperature": ("temperature", (int, float)),
+    "top_p": ("top_p", (int, float)),
+    "max_tokens": ("max_tokens", int),
+    "max_completion_tokens": ("max_tokens", int),
+    "stream": ("stream", bool),
+    "stop": ("stop", (str, list)),
+    "seed": ("random_seed", int),
+    "random_seed": ("random_seed", int),
+    "response_format": ("response_format", dict),
+    "tools": ("tools", list),
+    "tool_choice": ("tool_choice", (str, dict)),
+    "presence_penalty": ("presence_penalty", (int, float)),
+    "frequency_penalty": ("frequency_penalty", (int, float)),
+    "n": ("n", int),
+    "parallel_tool_calls": ("parallel_tool_calls", bool),
+    "prediction": ("prediction", dict),
+    "prompt_mode": ("prompt_mode", str),
+    "safe_prompt": ("safe_prompt", bool),
+}
+_EMBEDDINGS = {
+    "input": ("input", (str, list)),
+    "dimensions": ("output_dimension", int),
+    "output_dimension": ("output_dimension", int),
+    "output_dtype": ("output_dtype", str),
+}
+# OpenAI fields Mistral has no use for; accepted and dropped. `user` is pseudonymised.
+_DROPPED = frozenset({
+    "model", "user", "stream_options", "logprobs", "top_logprobs", "store", "metadata",
+    "logit_bias", "service_tier", "modalities", "audio", "reasoning_effort", "verbosity",
+    "web_search_options", "prompt_cache_key", "safety_identifier", "functions",
+    "function_call", "encoding_format",
+})
+
+
+def parse(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("you must provide a model parameter", param="model",
+                         code="missing_required_parameter" if model is None else "invalid_type")
+    return data
+
+
+def _rebuild(request: dict[str, Any], fields: dict[str, tuple[str, Any]], upstream_model: str
+             ) -> dict[str, Any]:
+    out: dict[str, Any] = {"model": upstream_model}
+    for name, value in request.items():
+        target = fields.get(name)
+        if target is None:
+            if name in _DROPPED:
+                continue
+            raise BadRequest(f"Unrecognized request argument supplied: {name}", param=name,
+                             code="unknown_parameter")
+        if value is None:
+            continue
+        mistral_name, kind = target
+        # bool is an int in Python; an int field must not take true/false.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise BadRequest(f"invalid type for {name!r}", param=name, code="invalid_type")
+        out[mistral_name] = value
+    return out
+
+
+def chat_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
+    out = _rebuild(request, _CHAT, upstream_model)
+    messages = out.get("messages")
+    if not messages:
+        raise BadRequest("'messages' must be a non-empty array", param="messages",
+                         code="missing_required_parameter" if messages is None else "invalid_value")
+    fixed = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"messages[{i}] must be an object with a 'role'",
+                             param=f"messages[{i}]", code="invalid_type")
+        if message["role"] == "developer":  # OpenAI's newer name for the system role
+            message = {**message, "role": "system"}
+        fixed.append(message)
+    out["messages"] = fixed
+    return out
+
+
+def embeddings_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
+    out = _rebuild(request, _EMBEDDINGS, upstream_model)
+    if "input" not in out:
+        raise BadRequest("you must provide an input parameter", param="input",
+                         code="missing_required_parameter")
+    return out
+
+
+def check_types(request: dict[str, Any]) -> None:
+    """Types of the fields the policy step reads, checked before it reads them."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = request.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < 1):
+            raise BadRequest(f"{name!r} must be a positive integer", param=name,
+                             code="invalid_type")
+    if not isinstance(request.get("stream", False), bool | None):
+        raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+
+
+def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:
+    """The route capabilities this request cannot do without."""
+    if endpoint == "embeddings":
+        return frozenset({"embeddings"})
+    need = {"chat"}
+    if request.get("stream"):
+        need.add("streaming")
+    if request.get("tools"):
+        need.add("tools")
+    fmt = request.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
+        need.add("json_mode")
+    for message in request.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") in ("image_url", "input_image")
+            for part in content
+        ):
+            need.add("vision")
+            break
+    return frozenset(need)
+
+
+def usage_of(answer: dict[str, Any]) -> tuple[int, int] | None:
+    usage = answer.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
+
+
+def embeddings_answer(answer: dict[str, Any], encoding: str | None) -> dict[str, Any]:
+    """OpenAI's SDK asks for base64 by default; Mistral answers floats, so encode here."""
+    if encoding == "base64":
+        for item in answer.get("data") or ():
+            vector = item.get("embedding")
+            if isinstance(vector, list):
+                item["embedding"] = base64.b64encode(
+                    struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return answer
+
+
+def error_from_upstream(status: int, body: bytes) -> tuple[str, str | None, str | None, str | None]:
+    """(message, type, param, code) out of a Mistral (or OpenAI-shaped) error body."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return f"upstream answered HTTP {status}", None, None, None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        data = data["error"]
+    if not isinstance(data, dict):
+        return f"upstream answered HTTP {status}", None, None, None
+    message = data.get("message") or data.get("detail") or f"upstream answered HTTP {status}"
+    if isinstance(message, dict):
+        message = message.get("detail", message)
+    if isinstance(message, list):  # FastAPI-style validation details
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', ()))}: {d.get('msg')}" if isinstance(d, dict)
+            else str(d) for d in message)
+    code = data.get("code")
+    return (str(message), data.get("type") or None, data.get("param"),
+            None if code is None else str(code))
+
+
+class StreamRelay:
+    """Relays SSE events as they complete, unchanged; parses only events that carry usage.
+
+    With `include_usage`, OpenAI's extra usage chunk (empty choices) is added before
+    `data: [DONE]`, as OpenAI clients expect.
+    """
+
+    __slots__ = ("include_usage", "usage", "last_chunk", "_carry", "done", "events")
+
+    def __init__(self, include_usage: bool) -> None:
+        self.include_usage = include_usage
+        self.usage: tuple[int, int] | None = None
+        self.last_chunk: dict[str, Any] | None = None
+        self._carry = b""
+        self.done = False
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._carry + chunk if self._carry else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._carry = data
+            return b""
+        complete, self._carry = data[: end + 2], data[end + 2:]
+        self.events += complete.count(b"\n\n")
+        if b'"usage"' in complete:
+            for event in complete.split(b"\n\n"):
+                if b'"usage"' in event and event.startswith(b"data: {"):
+                    self._take_usage(event[6:])
+        done_at = complete.find(b"data: [DONE]")
+        if done_at < 0:
+            return complete
+        self.done = True
+        return complete[:done_at] + self._usage_event() + complete[done_at:]
+
+    def _take_usage(self, raw: bytes) -> None:
+        try:
+            chunk = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(chunk, dict) and (usage := usage_of(chunk)) is not None:
+            self.usage = usage
+            self.last_chunk = chunk
+
+    def _usage_event(self) -> bytes:
+        if not self.include_usage or self.last_chunk is None:
+            return b""
+        c = self.last_chunk
+        extra = {"id": c.get("id"), "object": "chat.completion.chunk", "created": c.get("created"),
+                 "model": c.get("model"), "choices": [], "usage": c["usage"]}
+        return b"data: " + orjson.dumps(extra) + b"\n\n"

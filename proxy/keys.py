@@ -1,0 +1,96 @@
+"""API keys: created once, stored only as SHA-256, looked up from an in-memory cache.
+
+The cache reloads the whole (small) key table every few seconds, so a key revoked on one
+replica stops working on all of them within that interval, and no request waits on the DB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.ledger.tables import api_keys
+
+log = logging.getLogger("euroute.keys")
+Role = Literal["app", "auditor", "admin"]
+ROLES: tuple[Role, ...] = ("app", "auditor", "admin")
+PREFIX = "eur_"
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    id: str
+    app: str
+    role: Role
+    policy: str
+
+
+async def create(engine: AsyncEngine, *, app: str, policy: str, role: Role) -> tuple[str, Key]:
+    """A new key: the secret (shown once) and its record."""
+    secret = PREFIX + secrets.token_urlsafe(32)
+    record = Key(id="key_" + secrets.token_hex(8), app=app, role=role, policy=policy)
+    async with engine.begin() as conn:
+        await conn.execute(insert(api_keys).values(
+            id=record.id, prefix=secret[: len(PREFIX) + 6], key_hash=digest(secret), app=app,
+            role=role, policy=policy, created_at=dt.datetime.now(dt.UTC)))
+    return secret, record
+
+
+async def revoke(engine: AsyncEngine, key_id: str) -> bool:
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
+            .values(revoked_at=dt.datetime.now(dt.UTC)))
+    return result.rowcount == 1
+
+
+async def listing(engine: AsyncEngine) -> list[dict[str, object]]:
+    cols = [c for c in api_keys.columns if c.name != "key_hash"]
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(*cols).order_by(api_keys.c.created_at))
+        return [{str(k): v for k, v in r._mapping.items()} for r in rows]
+
+
+class KeyCache:
+    def __init__(self, engine: AsyncEngine, refresh_s: float) -> None:
+        self.engine = engine
+        self.refresh_s = refresh_s
+        self._by_hash: dict[str, Key] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def get(self, secret: str) -> Key | None:
+        return self._by_hash.get(digest(secret))
+
+    async def load(self) -> None:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(api_keys.c.id, api_keys.c.key_hash, api_keys.c.app, api_keys.c.role,
+                       api_keys.c.policy).where(api_keys.c.revoked_at.is_(None)))
+            self._by_hash = {r.key_hash: Key(r.id, r.app, r.role, r.policy) for r in rows}
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._refresh(), name="euroute-key-cache")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+
+    async def _refresh(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self.load()
+            except Exception as exc:  # noqa: BLE001 - keep serving the last good set
+                log.warning("key cache refresh failed: %s: %s", type(exc).__name__, exc)

@@ -1,0 +1,149 @@
+"""Off the request path: rows go into an in-memory buffer; one task writes them in batches.
+
+A row that was answered is never dropped. When the database fails, the batch keeps its chain
+position and is retried with backoff; the writer reports unhealthy once rows have waited
+longer than `max_outage_s` or the buffer holds more than `buffer_rows`, and policies with
+`audit.on_write_failure: reject` then refuse new requests (fail closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from sqlalchemy import bindparam, insert, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.ledger.chain import GENESIS, row_hash
+from proxy.ledger.tables import api_keys, chains, ledger
+
+log = logging.getLogger("euroute.ledger")
+
+
+class Writer:
+    def __init__(self, engine: AsyncEngine, *, batch_size: int = 500,
+                 buffer_rows: int = 100_000, max_outage_s: float = 30.0) -> None:
+        self.engine = engine
+        self.writer_id = uuid.uuid4().hex
+        self.batch_size = batch_size
+        self.buffer_rows = buffer_rows
+        self.max_outage_s = max_outage_s
+        self.seq = 0
+        self.last_hash = GENESIS
+        self.written = 0
+        self.failures = 0
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._key_use: dict[str, dt.datetime] = {}
+        self._wake = asyncio.Event()
+        self._oldest_waiting: float | None = None
+        self._started = dt.datetime.now(dt.UTC)
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def submit(self, row: dict[str, Any]) -> None:
+        if not self._buffer:
+            self._oldest_waiting = time.monotonic()
+        self._buffer.append(row)
+        if len(self._buffer) >= self.batch_size or not self._wake.is_set():
+            self._wake.set()
+
+    def key_used(self, key_id: str, when: dt.datetime) -> None:
+        self._key_use[key_id] = when
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def healthy(self) -> bool:
+        if len(self._buffer) >= self.buffer_rows:
+            return False
+        waited = self._oldest_waiting
+        return waited is None or time.monotonic() - waited < self.max_outage_s
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="euroute-ledger-writer")
+
+    async def close(self, timeout_s: float = 30.0) -> None:
+        """Flush everything buffered, then stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+            except TimeoutError:
+                log.error("ledger: %d rows still unwritten at shutdown", len(self._buffer))
+                self._task.cancel()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            if not self._buffer and not self._key_use:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                # Let a burst gather into one batch.
+                await asyncio.sleep(0.002)
+                continue
+            batch = self._chain(min(self.batch_size, len(self._buffer)))
+            while True:
+                try:
+                    await self._write(batch)
+                    break
+                except Exception as exc:  # noqa: BLE001 - any database failure is retried
+                    self.failures += 1
+                    log.warning("ledger: write of %d rows failed (%s: %s), retrying in %.1fs",
+                                len(batch), type(exc).__name__, exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+            backoff = 0.05
+            for _ in batch:
+                self._buffer.popleft()
+            self.written += len(batch)
+            self._oldest_waiting = time.monotonic() if self._buffer else None
+
+    def _chain(self, n: int) -> list[dict[str, Any]]:
+        """Give the next n buffered rows their place in this writer's chain (once only)."""
+        batch = []
+        for i in range(n):
+            row = self._buffer[i]
+            if "row_hash" not in row:
+                self.seq += 1
+                row["writer_id"] = self.writer_id
+                row["seq"] = self.seq
+                row["prev_hash"] = self.last_hash
+                row["row_hash"] = self.last_hash = row_hash(self.last_hash, row)
+            batch.append(row)
+        return batch
+
+    async def _write(self, batch: list[dict[str, Any]]) -> None:
+        now = dt.datetime.now(dt.UTC)
+        used, self._key_use = self._key_use, {}
+        try:
+            async with self.engine.begin() as conn:
+                if batch:
+                    await conn.execute(insert(ledger), batch)
+                    head = {"last_seq": batch[-1]["seq"], "last_hash": batch[-1]["row_hash"],
+                            "updated_at": now}
+                    if batch[0]["seq"] == 1:
+                        await conn.execute(insert(chains).values(
+                            writer_id=self.writer_id, started_at=self._started, **head))
+                    else:
+                        await conn.execute(update(chains)
+                                           .where(chains.c.writer_id == self.writer_id)
+                                           .values(**head))
+                if used:
+                    await conn.execute(
+                        update(api_keys).where(api_keys.c.id == bindparam("kid"))
+                        .values(last_used_at=bindparam("when")),
+                        [{"kid": k, "when": w} for k, w in used.items()])
+        except BaseException:
+            for k, w in used.items():
+                self._key_use.setdefault(k, w)
+            raise

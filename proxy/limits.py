@@ -1,0 +1,106 @@
+"""Admission limits: per-key requests and tokens per minute, and per-app spend budgets.
+
+Rate windows are per replica (in memory); budgets read spend from the ledger, shared by all
+replicas, through a short cache plus what this replica has spent since it was read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy.errors import BudgetExceeded, RateLimited
+from proxy.ledger.tables import ledger
+from proxy.policy.schema import Budget, PolicyLimits
+
+
+@dataclass(slots=True)
+class _Window:
+    minute: int
+    requests: int = 0
+    tokens: int = 0
+
+
+class RateLimiter:
+    """Fixed one-minute windows per key."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, _Window] = {}
+
+    def _window(self, key_id: str, now: float) -> _Window:
+        minute = int(now // 60)
+        w = self._windows.get(key_id)
+        if w is None or w.minute != minute:
+            w = self._windows[key_id] = _Window(minute)
+        return w
+
+    def admit(self, key_id: str, limits: PolicyLimits) -> None:
+        if limits.requests_per_minute is None and limits.tokens_per_minute is None:
+            return
+        now = time.time()
+        w = self._window(key_id, now)
+        retry = max(1, 60 - int(now % 60))
+        if limits.requests_per_minute is not None and w.requests >= limits.requests_per_minute:
+            raise RateLimited(f"rate limit of {limits.requests_per_minute} requests per minute "
+                              "reached for this key", retry_after_s=retry)
+        if limits.tokens_per_minute is not None and w.tokens >= limits.tokens_per_minute:
+            raise RateLimited(f"rate limit of {limits.tokens_per_minute} tokens per minute "
+                              "reached for this key", retry_after_s=retry,
+                              code="tokens_rate_limit_exceeded")
+        w.requests += 1
+
+    def spent_tokens(self, key_id: str, tokens: int) -> None:
+        if key_id in self._windows:
+            self._window(key_id, time.time()).tokens += tokens
+
+
+def period_start(period: str, now: dt.datetime) -> dt.datetime:
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return day if period == "day" else day.replace(day=1)
+
+
+@dataclass(slots=True)
+class _Spend:
+    start: dt.datetime
+    read_at: float
+    db_nanos: int
+    local_nanos: int = 0
+
+
+class Budgets:
+    def __init__(self, engine: AsyncEngine, cache_s: float) -> None:
+        self.engine = engine
+        self.cache_s = cache_s
+        self._spend: dict[tuple[str, str], _Spend] = {}
+
+    async def _current(self, app: str, budget: Budget) -> _Spend:
+        now = dt.datetime.now(dt.UTC)
+        start = period_start(budget.period, now)
+        key = (app, budget.period)
+        spend = self._spend.get(key)
+        if spend is None or spend.start != start or time.monotonic() - spend.read_at > self.cache_s:
+            async with self.engine.connect() as conn:
+                total = await conn.scalar(
+                    select(func.coalesce(func.sum(ledger.c.cost_nanos), 0)).where(
+                        ledger.c.app == app, ledger.c.created_at >= start,
+                        ledger.c.currency == budget.currency))
+            spend = self._spend[key] = _Spend(start, time.monotonic(), int(total or 0))
+        return spend
+
+    async def admit(self, app: str, budget: Budget | None, worst_case_nanos: int) -> None:
+        if budget is None:
+            return
+        spend = await self._current(app, budget)
+        limit = int(budget.amount * 1_000_000_000)
+        if spend.db_nanos + spend.local_nanos + worst_case_nanos > limit:
+            raise BudgetExceeded(
+                f"the {budget.period}ly budget of {budget.amount} {budget.currency} for app "
+                f"{app!r} would be exceeded", retry_after_s=3600)
+
+    def spent(self, app: str, budget: Budget | None, nanos: int) -> None:
+        if budget is not None and (spend := self._spend.get((app, budget.period))):
+            spend.local_nanos += nanos
