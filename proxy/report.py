@@ -46,10 +46,9 @@ def table(rows: list[Mapping[str, Any]]) -> str:
     columns = list(rows[0])
     cells = [[("" if r.get(c) is None else str(_plain(r.get(c)))) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(out)
+    def line(values: list[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
 
 
 def render(rows: list[Mapping[str, Any]], fmt: str) -> str:
