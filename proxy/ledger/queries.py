@@ -1,21 +1,68 @@
-"""What compliance asks of the ledger. Every query streams or aggregates in the database."""
+"""What compliance asks of the ledger about requests: usage, decisions, one request, the raw
+rows, and whether the chains still verify. Aggregation happens in the database; row listings
+stream. What reached providers (transfers, copies, contracts) is in `providers.py`.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.ledger.chain import first_fault
 from proxy.ledger.tables import chains, ledger, tombstones
 
+FILTERS = ("app", "model", "route", "policy", "outcome")
 GROUPS = ("app", "model", "route", "day", "month", "policy", "outcome")
+DECISION_GROUPS = ("policy", "requirement", "app", "model", "route", "day", "month")
 NANO = Decimal(1_000_000_000)
+# Raw rows leave the database without the pseudonym's salt: with it, anyone holding a list of
+# candidate pseudonyms could confirm them against the commitments.
+EXPORT_COLUMNS: Sequence[str] = tuple(c.name for c in ledger.columns if c.name != "end_user_salt")
+
+
+def instant(text: str) -> dt.datetime:
+    """A UTC instant from YYYY-MM-DD or an ISO timestamp (naive means UTC)."""
+    value = dt.datetime.fromisoformat(text)
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def until(text: str) -> dt.datetime:
+    """The end of a range: a plain date (`--to 2026-11-30`) includes that whole day."""
+    value = instant(text)
+    return value + dt.timedelta(days=1) if len(text) == 10 else value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Window:
+    """A time range [start, end) and equality filters on ledger columns."""
+
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+    app: str | None = None
+    model: str | None = None
+    route: str | None = None
+    policy: str | None = None
+    outcome: str | None = None
+
+    def where(self) -> list[ColumnElement[bool]]:
+        where: list[ColumnElement[bool]] = []
+        if self.start is not None:
+            where.append(ledger.c.created_at >= self.start)
+        if self.end is not None:
+            where.append(ledger.c.created_at < self.end)
+        for name in FILTERS:
+            value = getattr(self, name)
+            if value is not None:
+                where.append(ledger.c[name] == value)
+        return where
 
 
 def money(nanos: int | None) -> Decimal:
@@ -27,42 +74,34 @@ def plain(row: Any) -> dict[str, Any]:
     return {str(k): v for k, v in row._mapping.items()}
 
 
-def _group_column(group_by: str, dialect: str) -> ColumnElement[Any]:
+def group_column(group_by: str, dialect: str) -> ColumnElement[Any]:
     col = ledger.c.created_at
-    if group_by == "day":
-        return (func.date(col) if dialect == "sqlite"
-                else func.to_char(col, "YYYY-MM-DD")).label("day")
-    if group_by == "month":
-        return (func.strftime("%Y-%m", col) if dialect == "sqlite"
-                else func.to_char(col, "YYYY-MM")).label("month")
+    if group_by in ("day", "month"):
+        if dialect == "sqlite":
+            # Stored as 'YYYY-MM-DD HH:MM:SS...' in UTC: a prefix is the day or month, and
+            # cheaper per row than strftime.
+            return func.substr(col, 1, 10 if group_by == "day" else 7).label(group_by)
+        return func.to_char(col, "YYYY-MM-DD" if group_by == "day" else "YYYY-MM").label(group_by)
     return ledger.c[group_by].label(group_by)
 
 
-def window(start: dt.datetime | None, end: dt.datetime | None,
-           **filters: str | None) -> list[ColumnElement[bool]]:
-    """The WHERE clauses of a time range [start, end) and equality filters on ledger columns."""
-    where: list[ColumnElement[bool]] = []
-    if start is not None:
-        where.append(ledger.c.created_at >= start)
-    if end is not None:
-        where.append(ledger.c.created_at < end)
-    where += [ledger.c[name] == value for name, value in filters.items() if value is not None]
-    return where
+def _check_group(group_by: str, allowed: Sequence[str]) -> None:
+    if group_by not in allowed:
+        raise ValueError(f"group_by must be one of {', '.join(allowed)}")
 
 
-async def usage(engine: AsyncEngine, *, start: dt.datetime | None = None,
-                end: dt.datetime | None = None, group_by: str = "app",
-                **filters: str | None) -> list[dict[str, Any]]:
+async def usage(engine: AsyncEngine, window: Window = Window(), *,
+                group_by: str = "app") -> list[dict[str, Any]]:
     """Requests, tokens and exact cost per group (and currency), with a total row per currency."""
-    if group_by not in GROUPS:
-        raise ValueError(f"group_by must be one of {', '.join(GROUPS)}")
-    group = _group_column(group_by, engine.dialect.name)
+    _check_group(group_by, GROUPS)
+    group = group_column(group_by, engine.dialect.name)
     stmt = (select(group, ledger.c.currency, func.count().label("requests"),
-                   func.sum(ledger.c.prompt_tokens).label("prompt_tokens"),
-                   func.sum(ledger.c.completion_tokens).label("completion_tokens"),
-                   func.sum(ledger.c.cost_nanos).label("cost_nanos"))
-            .where(*window(start, end, **filters))
-            .group_by(group, ledger.c.currency).order_by(group, ledger.c.currency))
+                   func.sum(ledger.c.prompt_tokens), func.sum(ledger.c.completion_tokens),
+                   func.sum(ledger.c.cost_nanos))
+            .where(*window.where())
+            .group_by(group, ledger.c.currency)
+            # Denied requests have no route and no currency: list them first on both databases.
+            .order_by(group.nulls_first(), ledger.c.currency.nulls_first()))
     async with engine.connect() as conn:
         rows = (await conn.execute(stmt)).all()
     out: list[dict[str, Any]] = []
@@ -74,28 +113,81 @@ async def usage(engine: AsyncEngine, *, start: dt.datetime | None = None,
         t = totals.setdefault(currency, [0, 0, 0, 0])
         for i, v in enumerate((n, pt, ct, nanos)):
             t[i] += int(v or 0)
-    for currency, (n, pt, ct, nanos) in sorted(totals.items(), key=lambda kv: str(kv[0])):
+    for currency, (n, pt, ct, nanos) in sorted(totals.items(), key=lambda kv: kv[0] or ""):
         out.append({group_by: "TOTAL", "requests": n, "prompt_tokens": pt,
                     "completion_tokens": ct, "cost": money(nanos), "currency": currency})
     return out
 
 
-PUBLIC_COLUMNS: Sequence[str] = tuple(
-    c.name for c in ledger.columns if c.name not in ("end_user_salt",))
-
-
-async def find(engine: AsyncEngine, ident: str) -> dict[str, Any] | None:
-    """One ledger row by request id or decision id, with its decision record decoded."""
-    cols = [ledger.c[n] for n in PUBLIC_COLUMNS]
+async def decisions(engine: AsyncEngine, window: Window = Window(), *,
+                    group_by: str = "policy") -> list[dict[str, Any]]:
+    """Denials per group: `denied` were refused; `dryrun_denied` failed the policy but were
+    forwarded because it runs in dry-run. By requirement, a request that failed two
+    requirements counts under each."""
+    _check_group(group_by, DECISION_GROUPS)
+    denied = func.sum(case((ledger.c.outcome == "denied", 1), else_=0))
+    would = func.sum(case((and_(ledger.c.failed_requirements.is_not(None),
+                                ledger.c.outcome != "denied"), 1), else_=0))
+    if group_by == "requirement":
+        return await _by_requirement(engine, window, denied, would)
+    group = group_column(group_by, engine.dialect.name)
+    stmt = (select(group, func.count(), denied, would).where(*window.where())
+            .group_by(group).order_by(group.nulls_first()))
     async with engine.connect() as conn:
-        row = (await conn.execute(select(*cols).where(
-            or_(ledger.c.decision_id == ident, ledger.c.request_id == ident)))).first()
+        rows = (await conn.execute(stmt)).all()
+    out = [{group_by: key, "requests": n, "denied": int(d or 0), "dryrun_denied": int(w or 0)}
+           for key, n, d, w in rows]
+    out.append({group_by: "TOTAL", "requests": sum(r["requests"] for r in out),
+                "denied": sum(r["denied"] for r in out),
+                "dryrun_denied": sum(r["dryrun_denied"] for r in out)})
+    return out
+
+
+async def _by_requirement(engine: AsyncEngine, window: Window, denied: Any, would: Any
+                          ) -> list[dict[str, Any]]:
+    # The database groups by the comma-joined set of failed requirements (a handful of
+    # distinct sets); splitting those few rows here keeps the SQL the same on both databases.
+    stmt = (select(ledger.c.policy, ledger.c.failed_requirements, denied, would)
+            .where(ledger.c.failed_requirements.is_not(None), *window.where())
+            .group_by(ledger.c.policy, ledger.c.failed_requirements))
+    async with engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    counts: Counter[tuple[str, str, str]] = Counter()
+    for policy, failed, d, w in rows:
+        for requirement in failed.split(","):
+            counts[policy, requirement, "denied"] += int(d or 0)
+            counts[policy, requirement, "dryrun_denied"] += int(w or 0)
+    pairs = sorted({(p, r) for p, r, _ in counts})
+    return [{"policy": p, "requirement": r, "denied": counts[p, r, "denied"],
+             "dryrun_denied": counts[p, r, "dryrun_denied"]} for p, r in pairs]
+
+
+async def find(engine: AsyncEngine, ident: str,
+               by: Literal["any", "request", "decision"] = "any") -> dict[str, Any] | None:
+    """One ledger row by request id or decision id, with its decision record decoded."""
+    match = {"request": ledger.c.request_id == ident,
+             "decision": ledger.c.decision_id == ident,
+             "any": (ledger.c.request_id == ident) | (ledger.c.decision_id == ident)}[by]
+    async with engine.connect() as conn:
+        row = (await conn.execute(
+            select(*[ledger.c[n] for n in EXPORT_COLUMNS]).where(match))).first()
     if row is None:
         return None
     found = plain(row)
     found["decision"] = orjson.loads(found["decision"])
     found["cost"] = money(found.pop("cost_nanos"))
     return found
+
+
+async def export(engine: AsyncEngine, window: Window = Window(), *,
+                 batch: int = 5000) -> AsyncIterator[tuple[Any, ...]]:
+    """Raw rows (EXPORT_COLUMNS, in that order) oldest first, fetched `batch` at a time."""
+    stmt = (select(*[ledger.c[n] for n in EXPORT_COLUMNS]).where(*window.where())
+            .order_by(ledger.c.created_at, ledger.c.id).execution_options(yield_per=batch))
+    async with engine.connect() as conn:
+        result = await conn.stream(stmt)
+        async for row in result:
+            yield tuple(row)
 
 
 async def verify(engine: AsyncEngine) -> dict[str, Any]:
