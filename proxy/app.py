@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy import audit
 from proxy.endpoints import Gateway
 from proxy.errors import EurouteError, NotFound
 from proxy.keys import KeyCache
@@ -108,4 +109,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", late["readyz"], methods=["GET"]),
         Route("/metrics", late["metrics"], methods=["GET"]),
     ])
+    app.router.routes.extend(audit.routes(app))
     return app

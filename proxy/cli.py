@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy import keys, report
-from proxy.ledger import queries
+from proxy import audit_cli, keys, report
 from proxy.ledger.db import make_engine, migrate
 from proxy.policy.decide import parse_narrowing
 from proxy.policy.load import PolicyError, read
@@ -22,18 +20,6 @@ Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
 def _err(*parts: Any) -> None:
     print(*parts, file=sys.stderr)
-
-
-def _date(text: str) -> dt.datetime:
-    """A UTC instant from YYYY-MM-DD or an ISO timestamp (naive means UTC)."""
-    value = dt.datetime.fromisoformat(text)
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
-
-
-def _until(text: str) -> dt.datetime:
-    """`--to 2026-11-30` includes that whole day."""
-    value = _date(text)
-    return value + dt.timedelta(days=1) if len(text) == 10 else value
 
 
 async def _with_engine(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
@@ -166,41 +152,7 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> in
     return 0
 
 
-# -- audit ------------------------------------------------------------------------------------
-
-async def cmd_audit_usage(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(engine: Any) -> int:
-        rows = await queries.usage(engine, start=args.start, end=args.end, group_by=args.group_by,
-                                   app=args.app, model=args.model, route=args.route,
-                                   policy=args.policy, outcome=args.outcome)
-        print(report.render(rows, args.format))
-        return 0
-    return await _with_engine(settings, work)
-
-
-async def cmd_audit_decision(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(engine: Any) -> int:
-        found = await queries.find(engine, args.id)
-        if found is None:
-            _err(f"no decision or request {args.id}")
-            return 1
-        print(report.to_json(found).decode())
-        return 0
-    return await _with_engine(settings, work)
-
-
-async def cmd_audit_verify(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(engine: Any) -> int:
-        result = await queries.verify(engine)
-        if args.format == "json":
-            print(report.to_json(result).decode())
-        elif result["ok"]:
-            print(f"OK: {result['rows']} rows in {result['writers']} chains verified")
-        else:
-            print(f"FAILED after {result['rows']} good rows: {result['finding']}")
-        return 0 if result["ok"] else 1
-    return await _with_engine(settings, work)
-
+# -- demo -----------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.demo import run
@@ -209,13 +161,6 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------------
-
-def _filters(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="start", type=_date, help="start, YYYY-MM-DD or ISO time (UTC)")
-    p.add_argument("--to", dest="end", type=_until, help="end, inclusive for a plain date")
-    for name in ("app", "model", "route", "policy", "outcome"):
-        p.add_argument(f"--{name}", help=f"only this {name}")
-
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="euroute", description=__doc__)
@@ -258,19 +203,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(run=cmd_policy_explain)
 
-    aud = sub.add_parser("audit", help="query the ledger").add_subparsers(dest="audit_command",
-                                                                        required=True)
-    p = aud.add_parser("usage", help="requests, tokens and cost")
-    _filters(p)
-    p.add_argument("--group-by", choices=queries.GROUPS, default="app")
-    p.add_argument("--format", choices=report.FORMATS, default="table")
-    p.set_defaults(run=cmd_audit_usage)
-    p = aud.add_parser("decision", help="one decision (or request) by id")
-    p.add_argument("id")
-    p.set_defaults(run=cmd_audit_decision)
-    p = aud.add_parser("verify", help="check the hash chains; non-zero exit on tampering")
-    p.add_argument("--format", choices=("table", "json"), default="table")
-    p.set_defaults(run=cmd_audit_verify)
+    audit_cli.add_commands(sub)
     return top
 
 

@@ -10,6 +10,7 @@
     │   └── ModelNotFound       404 model_not_found
     ├── RateLimited             429 rate_limit_exceeded (+ Retry-After)
     │   └── BudgetExceeded      429 budget_exceeded
+    ├── LedgerTampered          409 integrity_error (+ the finding)
     ├── UpstreamError           the upstream's own 4xx/5xx, reshaped
     ├── UpstreamUnavailable     502 upstream_error
     ├── UpstreamTimeout         504 upstream_timeout
@@ -107,6 +108,22 @@ class RateLimited(EurouteError):
 
 class BudgetExceeded(RateLimited):
     code = "budget_exceeded"
+
+
+class LedgerTampered(EurouteError):
+    """`audit verify` found an altered, missing or reordered row."""
+
+    status = 409
+    type = "integrity_error"
+    code = "ledger_verification_failed"
+
+    def __init__(self, finding: str, *, rows_verified: int) -> None:
+        super().__init__(f"ledger verification failed: {finding}")
+        self.finding = finding
+        self.rows_verified = rows_verified
+
+    def body(self) -> dict[str, Any]:
+        return {**super().body(), "finding": self.finding, "rows_verified": self.rows_verified}
 
 
 class UpstreamError(EurouteError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -26,10 +26,15 @@ def to_json(data: Any) -> bytes:
     return orjson.dumps(data, default=_plain, option=orjson.OPT_INDENT_2)
 
 
-def csv_lines(rows: Iterable[Mapping[str, Any]]) -> Iterator[str]:
-    """CSV one line at a time, so a large export never sits in memory whole."""
+def csv_lines(rows: Iterable[Mapping[str, Any]],
+              columns: Sequence[str] | None = None) -> Iterator[str]:
+    """CSV one line at a time, so a large export never sits in memory whole. The header is
+    `columns`, else the first row's keys (no rows and no columns: no output)."""
     buffer = io.StringIO()
     writer: csv.DictWriter[str] | None = None
+    if columns is not None:
+        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
     for row in rows:
         if writer is None:
             writer = csv.DictWriter(buffer, fieldnames=list(row), lineterminator="\n")
@@ -38,9 +43,40 @@ def csv_lines(rows: Iterable[Mapping[str, Any]]) -> Iterator[str]:
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
+    if buffer.tell():
+        yield buffer.getvalue()
 
 
-def table(rows: list[Mapping[str, Any]]) -> str:
+async def csv_chunks(columns: Sequence[str], rows: AsyncIterable[Sequence[Any]],
+                     size: int = 1 << 16) -> AsyncIterator[str]:
+    """A streamed CSV export: header, then rows, in chunks of about `size` characters (one
+    write per chunk, not per row)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    async for row in rows:
+        writer.writerow([_plain(v) for v in row])
+        if buffer.tell() >= size:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
+
+
+async def jsonl_chunks(columns: Sequence[str], rows: AsyncIterable[Sequence[Any]],
+                       size: int = 1 << 16) -> AsyncIterator[bytes]:
+    """A streamed export as JSON lines, one object per row, in chunks of about `size` bytes."""
+    chunk = bytearray()
+    async for row in rows:
+        chunk += orjson.dumps(dict(zip(columns, row, strict=True)), default=_plain)
+        chunk += b"\n"
+        if len(chunk) >= size:
+            yield bytes(chunk)
+            chunk.clear()
+    yield bytes(chunk)
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return "(no rows)"
     columns = list(rows[0])
@@ -51,7 +87,7 @@ def table(rows: list[Mapping[str, Any]]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def render(rows: list[Mapping[str, Any]], fmt: str) -> str:
+def render(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return to_json(rows).decode()
     if fmt == "csv":

@@ -65,6 +65,9 @@ class Window:
         return where
 
 
+EVERYTHING = Window()
+
+
 def money(nanos: int | None) -> Decimal:
     return (Decimal(nanos or 0) / NANO).quantize(Decimal("0.000000001"))
 
@@ -90,7 +93,7 @@ def _check_group(group_by: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"group_by must be one of {', '.join(allowed)}")
 
 
-async def usage(engine: AsyncEngine, window: Window = Window(), *,
+async def usage(engine: AsyncEngine, window: Window = EVERYTHING, *,
                 group_by: str = "app") -> list[dict[str, Any]]:
     """Requests, tokens and exact cost per group (and currency), with a total row per currency."""
     _check_group(group_by, GROUPS)
@@ -119,7 +122,7 @@ async def usage(engine: AsyncEngine, window: Window = Window(), *,
     return out
 
 
-async def decisions(engine: AsyncEngine, window: Window = Window(), *,
+async def decisions(engine: AsyncEngine, window: Window = EVERYTHING, *,
                     group_by: str = "policy") -> list[dict[str, Any]]:
     """Denials per group: `denied` were refused; `dryrun_denied` failed the policy but were
     forwarded because it runs in dry-run. By requirement, a request that failed two
@@ -179,7 +182,7 @@ async def find(engine: AsyncEngine, ident: str,
     return found
 
 
-async def export(engine: AsyncEngine, window: Window = Window(), *,
+async def export(engine: AsyncEngine, window: Window = EVERYTHING, *,
                  batch: int = 5000) -> AsyncIterator[tuple[Any, ...]]:
     """Raw rows (EXPORT_COLUMNS, in that order) oldest first, fetched `batch` at a time."""
     stmt = (select(*[ledger.c[n] for n in EXPORT_COLUMNS]).where(*window.where())

@@ -1,0 +1,233 @@
+"""`euroute audit ...`, `euroute purge` and `euroute erase`: the compliance commands."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from proxy import records, report
+from proxy.ledger import providers, queries, retention
+from proxy.ledger.db import make_engine
+from proxy.ledger.queries import Window
+from proxy.policy.load import PolicyError, read
+from proxy.settings import Settings
+
+
+def _err(*parts: Any) -> None:
+    print(*parts, file=sys.stderr)
+
+
+@contextlib.asynccontextmanager
+async def _engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = make_engine(settings.database_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _window(args: argparse.Namespace) -> Window:
+    return Window(start=args.start, end=args.end,
+                  **{name: getattr(args, name) for name in queries.FILTERS})
+
+
+# -- the queries ------------------------------------------------------------------------------
+
+async def usage(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        print(report.render(await queries.usage(engine, _window(args), group_by=args.group_by),
+                            args.format))
+        return 0
+
+
+async def decisions(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        rows = await queries.decisions(engine, _window(args), group_by=args.group_by)
+        print(report.render(rows, args.format))
+        return 0
+
+
+async def decision(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        found = await queries.find(engine, args.id)
+        if found is None:
+            _err(f"no decision or request {args.id}")
+            return 1
+        print(report.to_json(found).decode())
+        return 0
+
+
+async def transfers(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        found = await providers.transfers(engine, _window(args), limit=args.limit)
+        if args.format == "json":
+            print(report.to_json(found).decode())
+            return 0
+        if args.format == "csv":
+            print("".join(report.csv_lines(found["data"], providers.TRANSFER_COLUMNS)), end="")
+            return 0
+        print(f"{found['checked']} forwarded requests checked, {found['outside_eea']} processed or "
+              "stored outside the EEA or under a transfer mechanism"
+              + (f" (first {len(found['data'])} listed)" if found["truncated"] else ""))
+        if found["data"]:
+            print(report.table(found["data"]))
+        return 0
+
+
+async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        as_of = args.as_of or dt.datetime.now(dt.UTC).date()
+        rows = await providers.retention(engine, _window(args), as_of=as_of)
+        if args.format == "table":
+            print(f"requests whose copy at the provider may still exist on {as_of}:")
+        print(report.render(rows, args.format))
+        return 0
+
+
+async def contracts(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        print(report.render(await providers.contracts(engine, _window(args)), args.format))
+        return 0
+
+
+async def processing_records(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        policies = read(settings.resolved_policy_dir())
+    except PolicyError as exc:
+        _err(f"policy files are invalid:\n{exc}")
+        return 2
+    async with _engine(settings) as engine:
+        document = await records.records(engine, policies, _window(args))
+    if args.format == "json":
+        print(report.to_json(document).decode())
+    elif args.format == "csv":
+        print("".join(report.csv_lines(map(records.flat, document["records"]))), end="")
+    else:
+        print("".join(records.markdown(document)), end="")
+    return 0
+
+
+async def export(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        rows = queries.export(engine, _window(args))
+        out = sys.stdout
+        if args.format == "csv":
+            async for text in report.csv_chunks(queries.EXPORT_COLUMNS, rows):
+                out.write(text)
+        else:
+            async for chunk in report.jsonl_chunks(queries.EXPORT_COLUMNS, rows):
+                out.write(chunk.decode())
+        out.flush()
+        return 0
+
+
+async def verify(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        result = await queries.verify(engine)
+        if args.format == "json":
+            print(report.to_json(result).decode())
+        elif result["ok"]:
+            print(f"OK: {result['rows']} rows in {result['writers']} chains verified")
+        else:
+            print(f"FAILED after {result['rows']} good rows: {result['finding']}")
+        return 0 if result["ok"] else 1
+
+
+# -- retention and erasure --------------------------------------------------------------------
+
+async def purge(args: argparse.Namespace, settings: Settings) -> int:
+    async with _engine(settings) as engine:
+        today = dt.datetime.now(dt.UTC).date()
+        before = args.before or today
+        if before > today:
+            _err(f"--before {before} is in the future: that would delete rows still within "
+                 "their retention period")
+            return 2
+        counts = await retention.purge(engine, before, dry_run=args.dry_run)
+        verb = "would delete" if args.dry_run else "deleted"
+        rows = [{"writer_id": w, "rows": n} for w, n in counts.items()]
+        if args.format == "table":
+            print(f"{verb} {sum(counts.values())} rows with retain_until before {before}"
+                  + (", leaving a tombstone for each" if counts and not args.dry_run else ""))
+            if rows:
+                print(report.table(rows))
+        else:
+            print(report.render(rows, args.format))
+        return 0
+
+
+async def erase(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.pseudonym_key is None:
+        _err("EUROUTE_PSEUDONYM_KEY is not set: without the key the proxy made the pseudonyms "
+             "with, the subject's rows cannot be found")
+        return 2
+    async with _engine(settings) as engine:
+        touched = await retention.erase(engine, settings.pseudonym_key.get_secret_value().encode(),
+                                        args.subject)
+    print(f"erased the subject's pseudonym from {touched} rows")
+    return 0
+
+
+# -- the parsers ------------------------------------------------------------------------------
+
+def _filters(p: argparse.ArgumentParser, formats: tuple[str, ...] = report.FORMATS,
+             default: str = "table") -> None:
+    p.add_argument("--from", dest="start", type=queries.instant,
+                   help="start, YYYY-MM-DD or ISO time (UTC)")
+    p.add_argument("--to", dest="end", type=queries.until, help="end, inclusive for a plain date")
+    for name in queries.FILTERS:
+        p.add_argument(f"--{name}", help=f"only this {name}")
+    p.add_argument("--format", choices=formats, default=default)
+
+
+def add_commands(sub: Any) -> None:
+    """Add `audit`, `purge` and `erase` to the `euroute` parser's subcommands."""
+    aud = sub.add_parser("audit", help="query the ledger").add_subparsers(dest="audit_command",
+                                                                        required=True)
+    p = aud.add_parser("usage", help="requests, tokens and cost")
+    _filters(p)
+    p.add_argument("--group-by", choices=queries.GROUPS, default="app")
+    p.set_defaults(run=usage)
+    p = aud.add_parser("decisions", help="denials by policy, requirement, app, ...")
+    _filters(p)
+    p.add_argument("--group-by", choices=queries.DECISION_GROUPS, default="policy")
+    p.set_defaults(run=decisions)
+    p = aud.add_parser("decision", help="one decision (or request) by id")
+    p.add_argument("id")
+    p.set_defaults(run=decision)
+    p = aud.add_parser("transfers", help="requests processed or stored outside the EEA")
+    _filters(p)
+    p.add_argument("--limit", type=int, default=1000, help="list at most this many")
+    p.set_defaults(run=transfers)
+    p = aud.add_parser("retention", help="requests a provider may still hold a copy of")
+    _filters(p)
+    p.add_argument("--as-of", type=dt.date.fromisoformat, help="YYYY-MM-DD, default today")
+    p.set_defaults(run=provider_copies)
+    p = aud.add_parser("contracts", help="which requests relied on which ZDR grant or DPA")
+    _filters(p)
+    p.set_defaults(run=contracts)
+    p = aud.add_parser("records", help="GDPR Art. 30 records of processing, per route")
+    _filters(p, ("markdown", "json", "csv"), "markdown")
+    p.set_defaults(run=processing_records)
+    p = aud.add_parser("export", help="raw ledger rows, streamed (never a salt or key hash)")
+    _filters(p, ("csv", "json"), "csv")
+    p.set_defaults(run=export)
+    p = aud.add_parser("verify", help="check the hash chains; non-zero exit on tampering")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(run=verify)
+
+    p = sub.add_parser("purge", help="delete ledger rows past their retain-until date")
+    p.add_argument("--before", type=dt.date.fromisoformat,
+                   help="delete rows to keep until before this date (default today)")
+    p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    p.add_argument("--format", choices=report.FORMATS, default="table")
+    p.set_defaults(run=purge)
+    p = sub.add_parser("erase", help="remove a data subject's pseudonym (GDPR Art. 17)")
+    p.add_argument("--subject", required=True, help="the end-user id the app sent")
+    p.set_defaults(run=erase)

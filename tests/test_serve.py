@@ -1,0 +1,77 @@
+"""`euroute serve` as operators run it: a real process, stopped with SIGTERM under load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from proxy.ledger.tables import ledger
+from tests.conftest import PSEUDONYM_KEY, copy_policies, ledger_rows, run
+from tests.fake_mistral import UPSTREAM_KEY, FakeMistral
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Path) -> None:
+    slow = FakeMistral(stream_chunks=3, delay_s=0.05).start()
+    slow_json = slow.url
+    env = {**os.environ, "EUROUTE_DATABASE_URL": db_url, "MISTRAL_BASE_URL": slow_json,
+           "MISTRAL_API_KEY": UPSTREAM_KEY, "EUROUTE_PSEUDONYM_KEY": PSEUDONYM_KEY,
+           "EUROUTE_POLICY_DIR": str(copy_policies(tmp_path / "policies"))}
+    key = subprocess.run([sys.executable, "-m", "proxy", "keys", "create", "--app", "sigterm",
+                          "--policy", "eu-standard"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port)],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "euroute serve did not come up"
+            time.sleep(0.05)
+
+        def one(i: int) -> str | None:
+            try:
+                r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                               headers={"authorization": f"Bearer {key}"},
+                               json={"model": "magistral-small-2509", "stream": i % 2 == 0,
+                                     "messages": [{"role": "user", "content": f"n{i}"}]})
+                r.read()
+            except httpx.TransportError:
+                return None  # refused once shutdown began: never answered, nothing to record
+            return r.headers["x-request-id"] if r.status_code == 200 else None
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(one, i) for i in range(400)]
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            answered = [rid for f in futures if (rid := f.result())]
+        # uvicorn re-raises SIGTERM once it has shut down gracefully.
+        assert server.wait(30) in (0, -signal.SIGTERM), log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+        slow.stop()
+    assert len(answered) >= 10
+    recorded = {r["request_id"] for r in run(ledger_rows(db_url, ledger.c.app == "sigterm"))}
+    assert set(answered) <= recorded
