@@ -17,7 +17,8 @@ and per mode (non-streamed JSON, 20-chunk SSE stream):
 - requests/s at concurrency 32, and per worker;
 - peak RSS (VmHWM) and RSS growth over the throughput run (after warm-up).
 
-Results: bench/results/<timestamp>.json, bench/results/latest.md (also printed).
+Results: bench/results/<timestamp>.json, bench/results/latest.md (also printed); a smoke run
+writes to bench/results/smoke/ instead (git-ignored), so it never replaces the full results.
 Exit status: 0 when every request succeeded and the ledger holds every request, 1 otherwise
 (non-2xx, socket errors, missing ledger rows, a crashed process); with --check-targets, 2 when
 a one-worker target of issue 6 is missed.
@@ -254,10 +255,8 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer %(key)s"
 local limit = %(limit)d
 local count = 0
-local statuses = {}
 function response(status, headers, body)
   count = count + 1
-  statuses[status] = (statuses[status] or 0) + 1
   if count == limit then
     -- Stop after `limit` responses: SIGINT makes wrk's main thread report at once.
     -- (io.popen, not os.execute: system() ignores SIGINT while it runs.)
@@ -267,15 +266,13 @@ function response(status, headers, body)
   end
 end
 function done(s, lat, req)
-  local codes = {}
-  for k, v in pairs(statuses) do codes[#codes + 1] = string.format('"%%d":%%d', k, v) end
   io.write(string.format(
     'WRKJSON {"requests":%%d,"duration_us":%%d,"bytes":%%d,"connect":%%d,"read":%%d,' ..
     '"write":%%d,"timeout":%%d,"non2xx":%%d,"p50":%%d,"p90":%%d,"p99":%%d,"p999":%%d,' ..
-    '"max":%%d,"mean":%%.1f,"statuses":{%%s}}\n',
+    '"max":%%d,"mean":%%.1f}\n',
     s.requests, s.duration, s.bytes, s.errors.connect, s.errors.read, s.errors.write,
     s.errors.timeout, s.errors.status, lat:percentile(50), lat:percentile(90),
-    lat:percentile(99), lat:percentile(99.9), lat.max, lat.mean, table.concat(codes, ",")))
+    lat:percentile(99), lat:percentile(99.9), lat.max, lat.mean))
 end
 """
 
@@ -296,7 +293,6 @@ class Wrk:
     p999_ms: float
     max_ms: float
     errors: dict[str, int]
-    statuses: dict[str, int]
     raw: str = field(repr=False)
 
     def failures(self) -> int:
@@ -324,7 +320,7 @@ def run_wrk(url: str, key: str, stream: bool, conns: int, n: int, tmp: Path,
     return Wrk(requests=d["requests"], seconds=secs, rps=d["requests"] / secs,
                p50_ms=d["p50"] / 1e3, p90_ms=d["p90"] / 1e3, p99_ms=d["p99"] / 1e3,
                p999_ms=d["p999"] / 1e3, max_ms=d["max"] / 1e3, errors=errors,
-               statuses=d["statuses"], raw=done.stdout)
+               raw=done.stdout)
 
 
 def run_ttfb(url: str, key: str, n: int, cpus: str | None) -> dict[str, Any]:
@@ -379,19 +375,19 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.pids, self.every = pids, every
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def rss_kb(self) -> int:
         return sum(status_kb(p, "VmRSS") for p in self.pids)
 
     def run(self) -> None:
         t0 = time.monotonic()
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.samples.append((time.monotonic() - t0, self.rss_kb()))
-            self._stop.wait(self.every)
+            self._halt.wait(self.every)
 
     def finish(self) -> list[tuple[float, int]]:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.samples.append((self.samples[-1][0] if self.samples else 0.0, self.rss_kb()))
         return self.samples
@@ -440,7 +436,7 @@ class Config:
     def check(self, what: str, w: Wrk) -> None:
         bad = {k: v for k, v in w.errors.items() if v}
         if bad:
-            self.problems.append(f"{what}: {bad} (statuses {w.statuses})")
+            self.problems.append(f"{what}: {bad}")
 
     def run(self) -> dict[str, Any]:
         self.up_port, self.px_port = free_port(), free_port()
@@ -573,7 +569,7 @@ class Config:
 def _wrk_dict(w: Wrk) -> dict[str, Any]:
     return {"requests": w.requests, "seconds": round(w.seconds, 3), "rps": round(w.rps, 1),
             "p50_ms": w.p50_ms, "p90_ms": w.p90_ms, "p99_ms": w.p99_ms, "p999_ms": w.p999_ms,
-            "max_ms": w.max_ms, "errors": w.errors, "statuses": w.statuses}
+            "max_ms": w.max_ms, "errors": w.errors}
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -718,13 +714,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     report["targets"] = targets(report["configs"])
     report["duration_s"] = round(time.monotonic() - t0, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = started.strftime("%Y%m%dT%H%M%SZ") + ("-smoke" if args.smoke else "")
-    (args.out / f"{stamp}.json").write_text(json.dumps(report, indent=1))
+    out = args.out / "smoke" if args.smoke and args.out == RESULTS else args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    (out / f"{stamp}.json").write_text(json.dumps(report, indent=1))
     md = markdown(report)
-    (args.out / ("latest-smoke.md" if args.smoke else "latest.md")).write_text(md)
+    (out / "latest.md").write_text(md)
     print(md)
-    print(f"wrote {args.out / (stamp + '.json')} in {report['duration_s']} s", file=sys.stderr)
+    print(f"wrote {out / (stamp + '.json')} in {report['duration_s']} s", file=sys.stderr)
     if any(c["problems"] for c in report["configs"]):
         return 1
     if args.check_targets and not all(ok for _, ok in report["targets"]):

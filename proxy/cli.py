@@ -157,7 +157,7 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> in
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from proxy.demo import run
 
-    return asyncio.run(run(settings))
+    return int(asyncio.run(run(settings)))
 
 
 # -- parser -----------------------------------------------------------------------------------
@@ -212,4 +212,4 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if getattr(args, "sync", None):
         return int(args.sync(args, settings))
-    return asyncio.run(args.run(args, settings))
+    return int(asyncio.run(args.run(args, settings)))

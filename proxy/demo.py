@@ -31,7 +31,6 @@ async def serving(app: Any, **config: Any) -> AsyncIterator[str]:
     """Run `app` under uvicorn on a free loopback port, in this event loop."""
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                                            **config))
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():

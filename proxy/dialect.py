@@ -196,7 +196,7 @@ class StreamRelay:
     `data: [DONE]`, as OpenAI clients expect.
     """
 
-    __slots__ = ("include_usage", "usage", "last_chunk", "_carry", "done", "events")
+    __slots__ = ("_carry", "done", "events", "include_usage", "last_chunk", "usage")
 
     def __init__(self, include_usage: bool) -> None:
         self.include_usage = include_usage

@@ -19,8 +19,16 @@ import orjson
 
 from proxy import dialect
 from proxy.errors import (
-    BadRequest, EurouteError, Forbidden, ModelNotFound, PayloadTooLarge, PolicyViolation,
-    Unauthorized, Unavailable, UpstreamError, UpstreamUnavailable,
+    BadRequest,
+    EurouteError,
+    Forbidden,
+    ModelNotFound,
+    PayloadTooLarge,
+    PolicyViolation,
+    Unauthorized,
+    Unavailable,
+    UpstreamError,
+    UpstreamUnavailable,
 )
 from proxy.keys import Key, KeyCache
 from proxy.ledger.chain import commitment, pseudonym

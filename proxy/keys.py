@@ -92,5 +92,5 @@ class KeyCache:
             await asyncio.sleep(self.refresh_s)
             try:
                 await self.load()
-            except Exception as exc:  # noqa: BLE001 - keep serving the last good set
+            except Exception as exc:
                 log.warning("key cache refresh failed: %s: %s", type(exc).__name__, exc)

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 
 from proxy.policy.decide import NARROWING, Rules, decide, request_checks, with_narrowing
 from proxy.policy.schema import (
-    EEA, EU, Contract, Contracts, Policy, ProviderContracts, Require, Route,
+    EEA,
+    EU,
+    Contract,
+    Contracts,
+    Policy,
+    ProviderContracts,
+    Require,
+    Route,
 )
 
 TODAY = dt.date(2026, 11, 29)

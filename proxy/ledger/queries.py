@@ -25,7 +25,8 @@ DECISION_GROUPS = ("policy", "requirement", "app", "model", "route", "day", "mon
 NANO = Decimal(1_000_000_000)
 # Raw rows leave the database without the pseudonym's salt: with it, anyone holding a list of
 # candidate pseudonyms could confirm them against the commitments.
-EXPORT_COLUMNS: Sequence[str] = tuple(c.name for c in ledger.columns if c.name != "end_user_salt")
+EXPORT_COLUMNS: Sequence[str] = tuple(
+    str(c.name) for c in ledger.columns if c.name != "end_user_salt")
 
 
 def instant(text: str) -> dt.datetime:

@@ -6,8 +6,19 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger, Boolean, Column, Date, DateTime, Index, Integer, MetaData, String, Table, Text,
-    TypeDecorator, UniqueConstraint,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
 )
 
 metadata = MetaData(naming_convention={

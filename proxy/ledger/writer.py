@@ -96,7 +96,7 @@ class Writer:
                 try:
                     await self._write(batch)
                     break
-                except Exception as exc:  # noqa: BLE001 - any database failure is retried
+                except Exception as exc:
                     self.failures += 1
                     log.warning("ledger: write of %d rows failed (%s: %s), retrying in %.1fs",
                                 len(batch), type(exc).__name__, exc, backoff)

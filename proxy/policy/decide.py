@@ -13,6 +13,7 @@ from typing import Any
 
 from proxy.policy.schema import EEA, REGIONS, Contracts, Policy, Require, Residency, Route
 
+
 def _countries(residency: Residency | None) -> frozenset[str] | None:
     if residency is None:
         return None
