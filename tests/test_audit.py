@@ -532,7 +532,7 @@ def test_admin_manages_keys_and_reads_no_ledger(proxy: Proxy, api: Api, admin: s
     for body, param in [({"app": app}, "policy"), ({"app": app, "policy": "nope"}, "policy"),
                         ({"app": "", "policy": "eu-standard"}, "app"),
                         ({"app": app, "policy": "eu-standard", "role": "root"}, "role"),
-                        ({"app": app, "policy": "eu-standard", "key_hash": "x"}, "key_hash")]:
+                        ({"app": app, "policy": "eu-standard", "expires": "never"}, "expires")]:
         r = api.post("/v1/admin/keys", admin, body)
         assert (r.status_code, r.json()["error"]["param"]) == (400, param), body
     assert api.post(f"/v1/admin/keys/{created['id']}/revoke", admin).json()["revoked"] is True

@@ -132,3 +132,35 @@ def _eventually(call, status, until=lambda r: True, timeout: float = 10.0):  # t
         if time.monotonic() > deadline:
             raise AssertionError(f"still {r.status_code}: {r.text}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def two_routes(db_url: str, upstream: FakeMistral, tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[Proxy]:
+    """The self-hosted template enabled (served by the same fake), beside Mistral's route."""
+    monkeypatch.setenv("SELFHOSTED_BASE_URL", upstream.url)
+    monkeypatch.setenv("SELFHOSTED_API_KEY", "sk-upstream-test")
+    with Proxy(proxy_settings(db_url, copy_policies(tmp_path / "policies"))) as server:
+        yield server
+
+
+def test_fall_over_to_the_next_compliant_route_before_any_byte(two_routes: Proxy,
+                                                              fake: FakeMistral) -> None:
+    key = two_routes.key("fallover", "eu-standard")  # prefers the lowest price: self-hosted
+    assert chat(two_routes, key).headers["x-euroute-route"] == "selfhosted-eu-magistral-small"
+    fake.fail_next(503)
+    r = chat(two_routes, key)
+    assert r.status_code == 200 and r.headers["x-euroute-route"] == "mistral-eu-magistral-small"
+    assert len(fake.received) == 3
+    row = two_routes.row(r.headers["x-request-id"])
+    assert row["route"] == "mistral-eu-magistral-small" and row["outcome"] == "ok"
+    fake.fail_next(400)  # the caller's fault: no other route would do better
+    assert chat(two_routes, key).status_code == 400
+    assert len(fake.received) == 4
+
+
+def test_strict_policy_admits_the_self_hosted_route(two_routes: Proxy, fake: FakeMistral) -> None:
+    r = chat(two_routes, two_routes.key("hr-assistant", "eu-strict"))
+    assert r.status_code == 200 and r.headers["x-euroute-route"] == "selfhosted-eu-magistral-small"
+    row = two_routes.row(r.headers["x-request-id"])
+    assert row["provider_retention_days"] == 0 and row["inference_location"] == "DE"
