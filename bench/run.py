@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -56,6 +57,9 @@ UPSTREAM_KEY = "sk-bench-upstream"
 # Targets of issue 6 (one worker, ledger on).
 TARGETS = {"cpu_ms_json": 0.8, "cpu_ms_stream": 1.5, "added_p50_c1_ms": 0.5,
            "added_ttfe_p50_ms": 0.5, "rps_c32": 1000.0, "rss_growth_mb": 5.0}
+# A measured run during which other processes used more than this share of the machine is
+# flagged as noisy in the report (the numbers stand, but say so).
+NOISY_PERCENT = 5.0
 
 
 @dataclass
@@ -161,6 +165,21 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
     return total / CLK_TCK
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle, all cores (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def own_children_seconds() -> float:
+    """CPU of this process and the children it has waited for (wrk, the ttfb client)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def status_kb(pid: int, name: str) -> int:
@@ -421,6 +440,7 @@ class Config:
         self.layout = layout(workers, pin)
         self.upstream_workers, self.chunks = upstream_workers, chunks
         self.problems: list[str] = []
+        self.noise: list[str] = []
 
     def env(self) -> dict[str, str]:
         self.db = self.tmp / "euroute.db"
@@ -448,6 +468,7 @@ class Config:
                                  "httptools", "--lifespan", "off", "--no-access-log",
                                  "--log-level", "warning"],
                     env, self.tmp / "upstream.log", self.layout.others)
+        self.upstream = up
         proxy: Server | None = None
         try:
             wait_http(f"http://127.0.0.1:{self.up_port}/v1/models", up)
@@ -475,7 +496,7 @@ class Config:
                 self.problems.append(f"euroute died:\n{proxy.tail()}")
             return {"transport": self.transport, "workers": self.workers,
                     "upstream_workers": self.upstream_workers, "layout": self.layout.describe(),
-                    "modes": modes, "problems": self.problems}
+                    "modes": modes, "problems": self.problems, "noise": self.noise}
         finally:
             if proxy is not None:
                 proxy.stop()
@@ -498,12 +519,24 @@ class Config:
             workers = self.proxy.workers()
             written0 = metric(base, "euroute_ledger_written_total") if self.workers == 1 else None
             sampler = RssSampler(workers) if rss else None
+            busy0, own0, up0 = system_busy_seconds(), own_children_seconds(), \
+                cpu_seconds(self.upstream.tree())
             cpu0 = cpu_seconds(tree)
             if sampler:
                 sampler.start()
             w = run_wrk(proxy_url, self.key, stream, conns, n, tmp, lo.others)
             rows1 = self.ledger.settle()
             cpu1 = cpu_seconds(self.proxy.tree())
+            busy1, own1, up1 = system_busy_seconds(), own_children_seconds(), \
+                cpu_seconds(self.upstream.tree())
+            # CPU that neither euroute, the upstream nor the load generator used: other
+            # work on the machine, which makes the numbers of this run less trustworthy.
+            foreign = (busy1 - busy0) - (cpu1 - cpu0) - (up1 - up0) - (own1 - own0)
+            window = w.seconds + 0.5
+            foreign_pct = max(0.0, foreign) / (window * (os.cpu_count() or 1)) * 100
+            if foreign_pct > NOISY_PERCENT:
+                self.noise.append(f"{label} c={conns}: other processes used {foreign_pct:.0f}% "
+                                  "of the machine during the run")
             samples = sampler.finish() if sampler else []
             written1 = metric(base, "euroute_ledger_written_total") if self.workers == 1 else None
             served = rows1 - rows0
@@ -517,7 +550,9 @@ class Config:
                                      f"{written1 - written0:.0f}, the ledger table by {served}")
             out = {"wrk": _wrk_dict(w), "served": served, "cpu_s": cpu1 - cpu0,
                    "cpu_ms_per_request": (cpu1 - cpu0) * 1000 / max(served, 1),
-                   "cpu_percent": (cpu1 - cpu0) / w.seconds * 100}
+                   "cpu_percent": (cpu1 - cpu0) / w.seconds * 100,
+                   "upstream_cpu_percent": (up1 - up0) / w.seconds * 100,
+                   "foreign_cpu_percent_of_machine": round(foreign_pct, 1)}
             if rss:
                 kb = [k for _, k in samples]
                 half = kb[len(kb) // 2]
@@ -625,6 +660,11 @@ def markdown(report: dict[str, Any]) -> str:
     if report["targets"]:
         lines += ["", "Targets (issue 6, one worker, ledger on):", ""]
         lines += [f"- {'PASS' if ok else 'MISS'} {text}" for text, ok in report["targets"]]
+    noise = [f"{c['transport']} w={c['workers']} {n}" for c in report["configs"]
+             for n in c.get("noise", ())]
+    if noise:
+        lines += ["", "Noisy runs (other processes were busy; rerun for clean numbers):"]
+        lines += [f"- {n}" for n in noise]
     problems = [p for c in report["configs"] for p in c["problems"]]
     lines += ["", "Problems: " + ("none" if not problems else "")]
     lines += [f"- {p}" for p in problems]
@@ -685,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit 2 when a one-worker target is missed")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    # Turn SIGTERM into SystemExit, so the servers started below are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     sizes = SMOKE if args.smoke else FULL
     if args.requests:

@@ -14,9 +14,10 @@ key hash, the pseudonym key or a pseudonym's salt.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -211,12 +212,16 @@ async def processing_records(request: Request, key: Key) -> Response:
 async def export(request: Request, key: Key) -> Response:
     params = _params(request, RANGE)
     fmt = _choice(params, "format", ("json", "csv"), "csv")
-    rows = queries.export(_engine(request), _window(params))
-    if fmt == "csv":
-        return StreamingResponse(report.csv_chunks(queries.EXPORT_COLUMNS, rows),
-                                 media_type="text/csv")
-    return StreamingResponse(report.jsonl_chunks(queries.EXPORT_COLUMNS, rows),
-                             media_type="application/x-ndjson")
+    window, engine = _window(params), _engine(request)
+    chunks = report.csv_chunks if fmt == "csv" else report.jsonl_chunks
+
+    async def body() -> AsyncIterator[str | bytes]:
+        # Closing the row stream returns its connection even when the client goes away.
+        async with contextlib.aclosing(queries.export(engine, window)) as rows:
+            async for chunk in chunks(queries.EXPORT_COLUMNS, rows):
+                yield chunk
+    return StreamingResponse(body(), media_type="text/csv" if fmt == "csv"
+                             else "application/x-ndjson")
 
 
 @_for("auditor")

@@ -114,17 +114,13 @@ async def processing_records(args: argparse.Namespace, settings: Settings) -> in
 
 
 async def export(args: argparse.Namespace, settings: Settings) -> int:
-    async with _engine(settings) as engine:
-        rows = queries.export(engine, _window(args))
-        out = sys.stdout
-        if args.format == "csv":
-            async for text in report.csv_chunks(queries.EXPORT_COLUMNS, rows):
-                out.write(text)
-        else:
-            async for chunk in report.jsonl_chunks(queries.EXPORT_COLUMNS, rows):
-                out.write(chunk.decode())
-        out.flush()
-        return 0
+    chunks = report.csv_chunks if args.format == "csv" else report.jsonl_chunks
+    async with (_engine(settings) as engine,
+                contextlib.aclosing(queries.export(engine, _window(args))) as rows):
+        async for chunk in chunks(queries.EXPORT_COLUMNS, rows):
+            sys.stdout.write(chunk if isinstance(chunk, str) else chunk.decode())
+    sys.stdout.flush()
+    return 0
 
 
 async def verify(args: argparse.Namespace, settings: Settings) -> int:

@@ -44,6 +44,7 @@ def _policies(tmp_path: Path) -> Path:
         ("budgeted", '  budget: {amount: "0.0005", currency: USD, period: month}', "reject"),
         ("paced", "  requests_per_minute: 2", "reject"),
         ("lenient", "  max_output_tokens: 1000", "admit"),
+        ("metered", "  tokens_per_minute: 60", "reject"),
     ]:
         (policy_dir / f"{name}.policy.yaml").write_text(
             LIMITED.format(name=name, limits=limits, on_failure=on_failure))
@@ -228,6 +229,21 @@ def test_requests_per_minute_gives_429_with_retry_after(own: Proxy, fake: FakeMi
     assert 1 <= int(third.headers["retry-after"]) <= 60
     assert third.json()["error"]["code"] == "rate_limit_exceeded"
     assert own.row(third.headers["x-request-id"])["outcome"] == "rate_limit_exceeded"
+
+
+def test_tokens_per_minute_counts_what_the_upstream_reported(own: Proxy, fake: FakeMistral
+                                                            ) -> None:
+    key = own.key("metered-app", "metered")
+    used, statuses = 0, []
+    for _ in range(6):
+        r = chat(own, key)
+        statuses.append(r.status_code)
+        if r.status_code != 200:
+            break
+        usage = r.json()["usage"]
+        used += usage["prompt_tokens"] + usage["completion_tokens"]
+    assert statuses[-1] == 429 and r.json()["error"]["code"] == "tokens_rate_limit_exceeded"
+    assert used >= 60 and "retry-after" in r.headers
 
 
 # -- keys ---------------------------------------------------------------------------------------

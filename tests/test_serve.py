@@ -24,32 +24,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start(env: dict[str, str], log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port),
+                                   *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise AssertionError(f"euroute serve did not come up:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def test_sighup_reloads_policies(db_url: str, tmp_path: Path) -> None:
+    policy_dir = copy_policies(tmp_path / "policies")
+    env = {**os.environ, "EUROUTE_DATABASE_URL": db_url, "EUROUTE_POLICY_DIR": str(policy_dir),
+           "EUROUTE_POLICY_POLL_S": "0"}  # no polling: only the signal reloads
+    server, url = start(env, tmp_path / "serve.log")
+    try:
+        before = httpx.get(f"{url}/readyz").json()["policy_version"]
+        apps = policy_dir / "apps.yaml"
+        apps.write_text(apps.read_text() + "  newcomer: {policy: eu-standard}\n")
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/readyz").json()["policy_version"] == before
+        server.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/readyz").json()["policy_version"] == before:
+            assert time.monotonic() < deadline, "SIGHUP did not reload the policies"
+            time.sleep(0.05)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
 def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Path) -> None:
     slow = FakeMistral(stream_chunks=3, delay_s=0.05).start()
-    slow_json = slow.url
-    env = {**os.environ, "EUROUTE_DATABASE_URL": db_url, "MISTRAL_BASE_URL": slow_json,
+    env = {**os.environ, "EUROUTE_DATABASE_URL": db_url, "MISTRAL_BASE_URL": slow.url,
            "MISTRAL_API_KEY": UPSTREAM_KEY, "EUROUTE_PSEUDONYM_KEY": PSEUDONYM_KEY,
            "EUROUTE_POLICY_DIR": str(copy_policies(tmp_path / "policies"))}
     key = subprocess.run([sys.executable, "-m", "proxy", "keys", "create", "--app", "sigterm",
                           "--policy", "eu-standard"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
-    port = free_port()
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--port", str(port)],
-                                  env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start(env, log)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "euroute serve did not come up"
-            time.sleep(0.05)
-
         def one(i: int) -> str | None:
             try:
                 r = httpx.post(f"{url}/v1/chat/completions", timeout=30,

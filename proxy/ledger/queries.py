@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
@@ -184,7 +184,7 @@ async def find(engine: AsyncEngine, ident: str,
 
 
 async def export(engine: AsyncEngine, window: Window = EVERYTHING, *,
-                 batch: int = 5000) -> AsyncIterator[tuple[Any, ...]]:
+                 batch: int = 5000) -> AsyncGenerator[tuple[Any, ...]]:
     """Raw rows (EXPORT_COLUMNS, in that order) oldest first, fetched `batch` at a time."""
     stmt = (select(*[ledger.c[n] for n in EXPORT_COLUMNS]).where(*window.where())
             .order_by(ledger.c.created_at, ledger.c.id).execution_options(yield_per=batch))
