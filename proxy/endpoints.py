@@ -7,7 +7,9 @@ over to the next compliant route only before any byte reached the client), recor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import logging
 import os
 import time
 from collections import Counter
@@ -36,10 +38,12 @@ from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
 from proxy.policy.decide import Check, parse_narrowing, request_checks
 from proxy.policy.live import LivePolicies
+from proxy.policy.load import PolicySet
 from proxy.policy.schema import Policy, Route
 from proxy.settings import Settings
 from proxy.upstream import retryable, translate
 
+log = logging.getLogger("euroute")
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -179,7 +183,8 @@ class Gateway:
                 salt = os.urandom(16).hex()
                 row.update(end_user=pseud, end_user_salt=salt,
                            end_user_commitment=commitment(salt, pseud))
-            routes = self._decide(request, endpoint, policy, model, headers, decision, row)
+            routes = self._decide(policies, request, endpoint, policy, model, headers, decision,
+                                  row)
             if not self.writer.healthy:
                 if policy.audit.on_write_failure == "reject":
                     raise Unavailable("the audit ledger cannot be written; this policy refuses "
@@ -188,23 +193,29 @@ class Gateway:
             self.rates.admit(key.id, policy.limits)
             await self.budgets.admit(key.app, policy.limits.budget,
                                      self._worst_case(routes[0], request, len(body)))
-            await self._forward(scope, receive, send, request, endpoint, routes, policy,
+            await self._forward(policies, receive, send, request, endpoint, routes, policy,
                                 row, reply_headers, started)
         except EurouteError as exc:
             row["outcome"] = outcome_of(exc)
             row["status"] = exc.status
             await send_error(send, exc, reply_headers)
+        except Exception:
+            # A bug, not the caller's fault: still one ledger row, and no traceback to the client.
+            log.exception("request %s failed", request_id)
+            row["outcome"], row["status"] = "internal_error", 500
+            with contextlib.suppress(RuntimeError):  # the response may have started already
+                await send_error(send, EurouteError("internal error; see x-request-id"),
+                                 reply_headers)
         finally:
             row["decision"] = orjson.dumps(decision).decode()
             row["latency_us"] = int((time.perf_counter() - started) * 1e6)
             self.outcomes[row["outcome"]] += 1
             self.writer.submit(row)
 
-    def _decide(self, request: dict[str, Any], endpoint: str, policy: Policy, model: str,
-                headers: dict[bytes, bytes], decision: dict[str, Any], row: dict[str, Any]
-                ) -> list[Route]:
+    def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,
+                policy: Policy, model: str, headers: dict[bytes, bytes], decision: dict[str, Any],
+                row: dict[str, Any]) -> list[Route]:
         """Compliant routes for this request, best first; raises the denial otherwise."""
-        policies = self.policies.current
         narrowing_header = headers.get(b"x-euroute-require")
         try:
             narrowing = (parse_narrowing(narrowing_header.decode("latin-1"))
@@ -254,10 +265,10 @@ class Gateway:
         return (body_bytes // 4 * _nanos_per_token(route.pricing.input_per_1m)
                 + out_tokens * _nanos_per_token(route.pricing.output_per_1m))
 
-    async def _forward(self, scope: Scope, receive: Receive, send: Send, request: dict[str, Any],
-                       endpoint: str, routes: list[Route], policy: Policy, row: dict[str, Any],
+    async def _forward(self, policies: PolicySet, receive: Receive, send: Send,
+                       request: dict[str, Any], endpoint: str, routes: list[Route],
+                       policy: Policy, row: dict[str, Any],
                        reply_headers: list[tuple[bytes, bytes]], started: float) -> None:
-        policies = self.policies.current
         stream = endpoint == "chat" and bool(request.get("stream"))
         last_error: EurouteError = UpstreamUnavailable("no route was tried")
         for route in routes:
@@ -305,7 +316,7 @@ class Gateway:
                 await response.aclose()
         raise last_error
 
-    def _route_facts(self, row: dict[str, Any], route: Route, policies: Any) -> None:
+    def _route_facts(self, row: dict[str, Any], route: Route, policies: PolicySet) -> None:
         p = route.posture
         standing = policies.standings[route.id]
         days = standing.retention_days
