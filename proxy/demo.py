@@ -60,7 +60,8 @@ async def run(settings: Settings) -> int:
         strict, _ = await keys.create(engine, app="hr-assistant", policy="eu-strict", role="app")
         async with serving(create_app(settings.model_copy(update={"migrate_on_start": False})),
                            lifespan="on") as proxy, httpx.AsyncClient(base_url=f"{proxy}/v1") as http:
-            _say(f"euroute on {proxy}/v1, ledger {settings.database_url}\n")
+            _say(f"euroute on {proxy}/v1, ledger "
+                 f"{engine.url.render_as_string(hide_password=True)}\n")
             question = {"model": "magistral-small-2509",
                         "messages": [{"role": "user", "content": "Where is my data processed?"}]}
 
