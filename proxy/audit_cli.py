@@ -32,6 +32,10 @@ async def _engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
         await engine.dispose()
 
 
+def _show(rows: list[dict[str, Any]], fmt: str) -> None:
+    print(report.render(rows, fmt).rstrip("\n"))
+
+
 def _window(args: argparse.Namespace) -> Window:
     return Window(start=args.start, end=args.end,
                   **{name: getattr(args, name) for name in queries.FILTERS})
@@ -41,59 +45,59 @@ def _window(args: argparse.Namespace) -> Window:
 
 async def usage(args: argparse.Namespace, settings: Settings) -> int:
     async with _engine(settings) as engine:
-        print(report.render(await queries.usage(engine, _window(args), group_by=args.group_by),
-                            args.format))
-        return 0
+        rows = await queries.usage(engine, _window(args), group_by=args.group_by)
+    _show(rows, args.format)
+    return 0
 
 
 async def decisions(args: argparse.Namespace, settings: Settings) -> int:
     async with _engine(settings) as engine:
         rows = await queries.decisions(engine, _window(args), group_by=args.group_by)
-        print(report.render(rows, args.format))
-        return 0
+    _show(rows, args.format)
+    return 0
 
 
 async def decision(args: argparse.Namespace, settings: Settings) -> int:
     async with _engine(settings) as engine:
         found = await queries.find(engine, args.id)
-        if found is None:
-            _err(f"no decision or request {args.id}")
-            return 1
-        print(report.to_json(found).decode())
-        return 0
+    if found is None:
+        _err(f"no decision or request {args.id}")
+        return 1
+    print(report.to_json(found).decode())
+    return 0
 
 
 async def transfers(args: argparse.Namespace, settings: Settings) -> int:
     async with _engine(settings) as engine:
         found = await providers.transfers(engine, _window(args), limit=args.limit)
-        if args.format == "json":
-            print(report.to_json(found).decode())
-            return 0
-        if args.format == "csv":
-            print("".join(report.csv_lines(found["data"], providers.TRANSFER_COLUMNS)), end="")
-            return 0
-        print(f"{found['checked']} forwarded requests checked, {found['outside_eea']} processed or "
-              "stored outside the EEA or under a transfer mechanism"
+    if args.format == "json":
+        print(report.to_json(found).decode())
+    elif args.format == "csv":
+        print("".join(report.csv_lines(found["data"], providers.TRANSFER_COLUMNS)), end="")
+    else:
+        print(f"{found['checked']} forwarded requests checked, {found['outside_eea']} processed "
+              "or stored outside the EEA or under a transfer mechanism"
               + (f" (first {len(found['data'])} listed)" if found["truncated"] else ""))
         if found["data"]:
             print(report.table(found["data"]))
-        return 0
+    return 0
 
 
 async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
+    as_of = args.as_of or dt.datetime.now(dt.UTC).date()
     async with _engine(settings) as engine:
-        as_of = args.as_of or dt.datetime.now(dt.UTC).date()
         rows = await providers.retention(engine, _window(args), as_of=as_of)
-        if args.format == "table":
-            print(f"requests whose copy at the provider may still exist on {as_of}:")
-        print(report.render(rows, args.format))
-        return 0
+    if args.format == "table":
+        print(f"requests whose copy at the provider may still exist on {as_of}:")
+    _show(rows, args.format)
+    return 0
 
 
 async def contracts(args: argparse.Namespace, settings: Settings) -> int:
     async with _engine(settings) as engine:
-        print(report.render(await providers.contracts(engine, _window(args)), args.format))
-        return 0
+        rows = await providers.contracts(engine, _window(args))
+    _show(rows, args.format)
+    return 0
 
 
 async def processing_records(args: argparse.Namespace, settings: Settings) -> int:
@@ -126,36 +130,36 @@ async def export(args: argparse.Namespace, settings: Settings) -> int:
 async def verify(args: argparse.Namespace, settings: Settings) -> int:
     async with _engine(settings) as engine:
         result = await queries.verify(engine)
-        if args.format == "json":
-            print(report.to_json(result).decode())
-        elif result["ok"]:
-            print(f"OK: {result['rows']} rows in {result['writers']} chains verified")
-        else:
-            print(f"FAILED after {result['rows']} good rows: {result['finding']}")
-        return 0 if result["ok"] else 1
+    if args.format == "json":
+        print(report.to_json(result).decode())
+    elif result["ok"]:
+        print(f"OK: {result['rows']} rows in {result['writers']} chains verified")
+    else:
+        print(f"FAILED after {result['rows']} good rows: {result['finding']}")
+    return 0 if result["ok"] else 1
 
 
 # -- retention and erasure --------------------------------------------------------------------
 
 async def purge(args: argparse.Namespace, settings: Settings) -> int:
+    today = dt.datetime.now(dt.UTC).date()
+    before = args.before or today
+    if before > today:
+        _err(f"--before {before} is in the future: that would delete rows still within "
+             "their retention period")
+        return 2
     async with _engine(settings) as engine:
-        today = dt.datetime.now(dt.UTC).date()
-        before = args.before or today
-        if before > today:
-            _err(f"--before {before} is in the future: that would delete rows still within "
-                 "their retention period")
-            return 2
         counts = await retention.purge(engine, before, dry_run=args.dry_run)
-        verb = "would delete" if args.dry_run else "deleted"
-        rows = [{"writer_id": w, "rows": n} for w, n in counts.items()]
-        if args.format == "table":
-            print(f"{verb} {sum(counts.values())} rows with retain_until before {before}"
-                  + (", leaving a tombstone for each" if counts and not args.dry_run else ""))
-            if rows:
-                print(report.table(rows))
-        else:
-            print(report.render(rows, args.format))
+    rows = [{"writer_id": w, "rows": n} for w, n in counts.items()]
+    if args.format != "table":
+        _show(rows, args.format)
         return 0
+    print(f"{'would delete' if args.dry_run else 'deleted'} {sum(counts.values())} rows with "
+          f"retain_until before {before}"
+          + (", leaving a tombstone for each" if counts and not args.dry_run else ""))
+    if rows:
+        print(report.table(rows))
+    return 0
 
 
 async def erase(args: argparse.Namespace, settings: Settings) -> int:

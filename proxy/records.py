@@ -169,6 +169,8 @@ def _cell(key: str, entry: dict[str, Any]) -> str:
         value = f"{value} ({entry[key.replace('location', 'region')]})"
     if value is None:
         value = "unknown" if key == "provider_retention_days" else "none"
+    if isinstance(value, bool):
+        value = "yes" if value else "no"
     if isinstance(value, dt.datetime | dt.date):
         value = value.isoformat()
     return str(value).replace("|", "\\|").replace("\n", " ")

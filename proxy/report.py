@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 
 FORMATS = ("table", "json", "csv")
+# What the csv module writes as is; a check per value that is cheaper than calling _plain.
+_NATIVE = frozenset({str, int, float, bool, type(None)})
 
 
 def _plain(value: Any) -> Any:
@@ -55,7 +57,7 @@ async def csv_chunks(columns: Sequence[str], rows: AsyncIterable[Sequence[Any]],
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     async for row in rows:
-        writer.writerow([_plain(v) for v in row])
+        writer.writerow([v if type(v) in _NATIVE else _plain(v) for v in row])
         if buffer.tell() >= size:
             yield buffer.getvalue()
             buffer.seek(0)

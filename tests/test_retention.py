@@ -19,7 +19,16 @@ from proxy.ledger import queries, retention
 from proxy.ledger.chain import pseudonym
 from proxy.ledger.db import make_engine
 from proxy.ledger.tables import ledger, tombstones
-from tests.conftest import PSEUDONYM_KEY, Proxy, _migrate, ledger_rows, new_database, run
+from tests.conftest import (
+    PSEUDONYM_KEY,
+    Proxy,
+    _migrate,
+    copy_policies,
+    ledger_rows,
+    new_database,
+    proxy_settings,
+    run,
+)
 from tests.made_rows import made_row, write
 
 TODAY = dt.datetime.now(dt.UTC).date()
@@ -107,13 +116,21 @@ async def _tombstones(engine: Any) -> set[tuple[str, int]]:
         return {(w, s) for w, s in rows}
 
 
-def test_tampering_is_still_caught_after_a_purge(fresh: Ledger) -> None:
+def test_tampering_is_still_caught_after_a_purge(fresh: Ledger, tmp_path: Path) -> None:
     run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
     third = fresh.mixed_rows[2]["request_id"]  # seq 3, between the tombstones of 1 and 4
     _execute(fresh.url, update(ledger).where(ledger.c.request_id == third).values(cost_nanos=1))
     found = _verify(fresh.url)
     assert found["ok"] is False and found["finding"].startswith("altered")
     assert third in found["finding"] and "seq 3" in found["finding"]
+    with Proxy(proxy_settings(fresh.url, copy_policies(tmp_path / "policies"))) as server:
+        auditor = server.key("compliance", "eu-standard", "auditor")
+        r = httpx.get(f"{server.url}/audit/verify", timeout=30,
+                      headers={"authorization": f"Bearer {auditor}"})
+    assert r.status_code == 409
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("integrity_error", "ledger_verification_failed")
+    assert error["finding"] == found["finding"] and error["rows_verified"] == found["rows"]
 
 
 def test_a_row_deleted_without_a_tombstone_is_caught_after_a_purge(fresh: Ledger) -> None:

@@ -184,14 +184,17 @@ async def find(engine: AsyncEngine, ident: str,
 
 
 async def export(engine: AsyncEngine, window: Window = EVERYTHING, *,
-                 batch: int = 5000) -> AsyncGenerator[tuple[Any, ...]]:
+                 batch: int = 5000) -> AsyncGenerator[tuple[Any, ...], None]:
     """Raw rows (EXPORT_COLUMNS, in that order) oldest first, fetched `batch` at a time."""
     stmt = (select(*[ledger.c[n] for n in EXPORT_COLUMNS]).where(*window.where())
             .order_by(ledger.c.created_at, ledger.c.id).execution_options(yield_per=batch))
     async with engine.connect() as conn:
         result = await conn.stream(stmt)
-        async for row in result:
-            yield tuple(row)
+        # A batch per await: iterating rows one by one would cross into the driver's
+        # greenlet for every row, which costs more than the rest of a CSV export together.
+        async for rows in result.partitions():
+            for row in rows:
+                yield tuple(row)
 
 
 async def verify(engine: AsyncEngine) -> dict[str, Any]:
