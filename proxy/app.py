@@ -55,6 +55,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(failure)
 
 
+async def _euroute_error(request: Request, exc: Exception) -> Response:
+    return _error(exc if isinstance(exc, EurouteError) else EurouteError(str(exc)))
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return _error(EurouteError("internal error; the request id is in x-request-id"))
@@ -98,7 +102,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
                 await engine.dispose()
 
     app = Starlette(lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_error, Exception: _server_error})
+                    exception_handlers={HTTPException: _http_error, EurouteError: _euroute_error,
+                                        Exception: _server_error})
     late = {name: _Late(app, name) for name in
             ("chat", "embeddings", "models", "healthz", "readyz", "metrics")}
     app.router.routes.extend([
