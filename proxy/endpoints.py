@@ -6,20 +6,19 @@ over to the next compliant route only before any byte reached the client), recor
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import orjson
 
 from proxy import dialect
+from proxy.asgi import Receive, Scope, Send, read_body, send_error, send_json
 from proxy.errors import (
     BadRequest,
     EurouteError,
@@ -29,8 +28,6 @@ from proxy.errors import (
     PolicyViolation,
     Unauthorized,
     Unavailable,
-    UpstreamError,
-    UpstreamUnavailable,
 )
 from proxy.keys import Key, KeyCache
 from proxy.ledger.chain import commitment, pseudonym
@@ -41,15 +38,9 @@ from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
 from proxy.policy.schema import Policy, Route
 from proxy.settings import Settings
-from proxy.upstream import retryable, translate
+from proxy.upstream import forward
 
 log = logging.getLogger("euroute")
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-JSON = (b"content-type", b"application/json")
-SSE = (b"content-type", b"text/event-stream")
 OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
@@ -64,36 +55,6 @@ def outcome_of(exc: EurouteError) -> str:
     if exc.status == 429:
         return exc.code or "rate_limited"
     return exc.code if exc.type == "upstream_error" and exc.code else "upstream_error"
-
-
-async def send_json(send: Send, status: int, body: bytes,
-                    headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [JSON, (b"content-length", str(len(body)).encode()), *headers]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(send: Send, exc: EurouteError,
-                     headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-    await send_json(send, exc.status, exc.render(), [*headers, *exc.headers()])
-
-
-async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise BadRequest("client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than the {limit} byte limit")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def authenticate(keys: KeyCache, headers: dict[bytes, bytes]) -> Key:
@@ -193,8 +154,10 @@ class Gateway:
             self.rates.admit(key.id, policy.limits)
             await self.budgets.admit(key.app, policy.limits.budget,
                                      self._worst_case(routes[0], request, len(body)))
-            await self._forward(policies, receive, send, request, endpoint, routes, policy,
-                                row, reply_headers, started)
+            tried: list[str] = decision.setdefault("tried", [])
+            route, usage = await forward(self.client, policies, routes, request, endpoint,
+                                         receive, send, row, reply_headers, started, tried)
+            self._account(row, route, policy, usage)
         except EurouteError as exc:
             row["outcome"] = outcome_of(exc)
             row["status"] = exc.status
@@ -265,69 +228,6 @@ class Gateway:
         return (body_bytes // 4 * _nanos_per_token(route.pricing.input_per_1m)
                 + out_tokens * _nanos_per_token(route.pricing.output_per_1m))
 
-    async def _forward(self, policies: PolicySet, receive: Receive, send: Send,
-                       request: dict[str, Any], endpoint: str, routes: list[Route],
-                       policy: Policy, row: dict[str, Any],
-                       reply_headers: list[tuple[bytes, bytes]], started: float) -> None:
-        stream = endpoint == "chat" and bool(request.get("stream"))
-        last_error: EurouteError = UpstreamUnavailable("no route was tried")
-        for route in routes:
-            self._route_facts(row, route, policies)
-            if endpoint == "chat":
-                payload = dialect.chat_request(request, route.upstream_model)
-            else:
-                payload = dialect.embeddings_request(request, route.upstream_model)
-            url = f"{policies.base_urls[route.id]}/{'chat/completions' if endpoint == 'chat' else 'embeddings'}"
-            upstream_headers = {"content-type": "application/json", "accept-encoding": "identity",
-                                "accept": "text/event-stream" if stream else "application/json"}
-            if api_key := policies.api_keys.get(route.id):
-                upstream_headers["authorization"] = f"Bearer {api_key}"
-            upstream_request = self.client.build_request(
-                "POST", url, content=orjson.dumps(payload), headers=upstream_headers)
-            try:
-                response = await self.client.send(upstream_request, stream=True)
-            except httpx.HTTPError as exc:
-                last_error = translate(exc)
-                if retryable(last_error):
-                    continue
-                raise last_error from None
-            row["ttfb_us"] = int((time.perf_counter() - started) * 1e6)
-            answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
-            try:
-                if response.status_code >= 400:
-                    last_error = _upstream_error(response.status_code, await response.aread())
-                    if retryable(last_error):
-                        continue
-                    raise last_error
-                if stream:
-                    await self._relay_stream(receive, send, response, request, route, policy,
-                                             row, answered)
-                else:
-                    raw = await response.aread()
-                    await self._relay_json(send, raw, request, endpoint, route, policy, row,
-                                           answered)
-                return
-            except httpx.HTTPError as exc:  # reading a JSON body: nothing was sent yet
-                last_error = translate(exc)
-                if retryable(last_error):
-                    continue
-                raise last_error from None
-            finally:
-                await response.aclose()
-        raise last_error
-
-    def _route_facts(self, row: dict[str, Any], route: Route, policies: PolicySet) -> None:
-        p = route.posture
-        standing = policies.standings[route.id]
-        days = standing.retention_days
-        row.update(route=route.id, provider=route.provider, upstream_model=route.upstream_model,
-                   inference_location=p.inference_location, storage_location=p.storage_location,
-                   transfer_mechanism=p.transfer_mechanism, zdr_reference=standing.zdr_reference,
-                   dpa_reference=standing.dpa_reference, currency=route.pricing.currency,
-                   provider_retention_days=days,
-                   provider_copy_gone_on=None if days is None
-                   else row["created_at"].date() + dt.timedelta(days=days))
-
     def _account(self, row: dict[str, Any], route: Route, policy: Policy,
                  usage: tuple[int, int] | None) -> None:
         if usage is None:
@@ -339,47 +239,6 @@ class Gateway:
         row.update(prompt_tokens=prompt, completion_tokens=completion, cost_nanos=cost)
         self.rates.spent_tokens(row["key_id"], prompt + completion)
         self.budgets.spent(row["app"], policy.limits.budget, cost)
-
-    async def _relay_json(self, send: Send, raw: bytes, request: dict[str, Any], endpoint: str,
-                          route: Route, policy: Policy, row: dict[str, Any],
-                          reply_headers: list[tuple[bytes, bytes]]) -> None:
-        try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise UpstreamUnavailable("upstream sent a body that is not JSON") from None
-        usage = dialect.usage_of(answer) if isinstance(answer, dict) else None
-        self._account(row, route, policy, usage)
-        if endpoint == "embeddings" and isinstance(answer, dict):
-            raw = orjson.dumps(dialect.embeddings_answer(answer, request.get("encoding_format")))
-        await send_json(send, 200, raw, reply_headers)
-
-    async def _relay_stream(self, receive: Receive, send: Send, response: httpx.Response,
-                            request: dict[str, Any], route: Route, policy: Policy,
-                            row: dict[str, Any], reply_headers: list[tuple[bytes, bytes]]) -> None:
-        options = request.get("stream_options")
-        relay = dialect.StreamRelay(isinstance(options, dict)
-                                    and options.get("include_usage") is True)
-        # uvicorn drops writes to a gone client silently; only receive() tells of a disconnect.
-        gone = asyncio.ensure_future(receive())
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [SSE, (b"cache-control", b"no-cache"), *reply_headers]})
-        try:
-            async for chunk in response.aiter_raw():
-                if gone.done():
-                    row["outcome"], row["status"] = "client_cancelled", 499
-                    break
-                out = relay.feed(chunk)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-            else:
-                if not relay.done:
-                    row["outcome"], row["status"] = "stream_cut", 502
-        except httpx.HTTPError:
-            row["outcome"], row["status"] = "stream_cut", 502
-        finally:
-            gone.cancel()
-            self._account(row, route, policy, relay.usage)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     # -- the rest of the surface ------------------------------------------------------------
 
@@ -434,11 +293,3 @@ class Gateway:
 
 def _reasons(route: Route, fails: list[Check]) -> list[dict[str, str]]:
     return [{"route": route.id, "requirement": c.requirement, "message": c.detail} for c in fails]
-
-
-def _upstream_error(status: int, raw: bytes) -> EurouteError:
-    if status in (401, 403):
-        # The upstream refused euroute's own credentials: the caller can do nothing about it.
-        return UpstreamUnavailable(f"upstream refused euroute's credentials (HTTP {status})")
-    message, kind, param, code = dialect.error_from_upstream(status, raw)
-    return UpstreamError(status, message, type=kind, param=param, code=code)

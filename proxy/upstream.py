@@ -1,12 +1,21 @@
-"""The one shared upstream client, and translation of transport failures into our errors."""
+"""The one shared upstream client; forwarding with fall-over; relaying JSON and SSE answers."""
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import time
 from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
 
 import httpx
+import orjson
 
+from proxy import dialect
+from proxy.asgi import SSE, Receive, Send, send_json
 from proxy.errors import EurouteError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.policy.load import PolicySet
+from proxy.policy.schema import Route
 from proxy.settings import Settings
 
 
@@ -47,3 +56,118 @@ def retryable(exc: EurouteError) -> bool:
     if isinstance(exc, UpstreamError):
         return exc.status >= 500 or exc.status == 429
     return isinstance(exc, UpstreamTimeout | UpstreamUnavailable)
+
+
+def route_facts(row: dict[str, Any], route: Route, policies: PolicySet) -> None:
+    """What the ledger must say about where this request's data went."""
+    p = route.posture
+    standing = policies.standings[route.id]
+    days = standing.retention_days
+    row.update(route=route.id, provider=route.provider, upstream_model=route.upstream_model,
+               inference_location=p.inference_location, storage_location=p.storage_location,
+               transfer_mechanism=p.transfer_mechanism, zdr_reference=standing.zdr_reference,
+               dpa_reference=standing.dpa_reference, currency=route.pricing.currency,
+               provider_retention_days=days,
+               provider_copy_gone_on=None if days is None
+               else row["created_at"].date() + dt.timedelta(days=days))
+
+
+async def forward(client: httpx.AsyncClient, policies: PolicySet, routes: list[Route],
+                  request: dict[str, Any], endpoint: str, receive: Receive, send: Send,
+                  row: dict[str, Any], reply_headers: list[tuple[bytes, bytes]], started: float,
+                  tried: list[str]) -> tuple[Route, tuple[int, int] | None]:
+    """Send to the first route that answers and relay its answer; (route, usage) or raise.
+
+    The next compliant route is tried only while no byte has reached the client.
+    """
+    stream = endpoint == "chat" and bool(request.get("stream"))
+    path = "chat/completions" if endpoint == "chat" else "embeddings"
+    last_error: EurouteError = UpstreamUnavailable("no route was tried")
+    for route in routes:
+        tried.append(route.id)
+        route_facts(row, route, policies)
+        payload = (dialect.chat_request if endpoint == "chat" else dialect.embeddings_request)(
+            request, route.upstream_model)
+        headers = {"content-type": "application/json", "accept-encoding": "identity",
+                   "accept": "text/event-stream" if stream else "application/json"}
+        if api_key := policies.api_keys.get(route.id):
+            headers["authorization"] = f"Bearer {api_key}"
+        upstream_request = client.build_request(
+            "POST", f"{policies.base_urls[route.id]}/{path}", content=orjson.dumps(payload),
+            headers=headers)
+        try:
+            response = await client.send(upstream_request, stream=True)
+        except httpx.HTTPError as exc:
+            last_error = translate(exc)
+            if retryable(last_error):
+                continue
+            raise last_error from None
+        row["ttfb_us"] = int((time.perf_counter() - started) * 1e6)
+        answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
+        try:
+            if response.status_code >= 400:
+                last_error = upstream_error(response.status_code, await response.aread())
+                if retryable(last_error):
+                    continue
+                raise last_error
+            if stream:
+                return route, await _relay_stream(receive, send, response, request, row, answered)
+            raw = await response.aread()
+            return route, await _relay_json(send, raw, request, endpoint, answered)
+        except httpx.HTTPError as exc:  # reading a JSON body: nothing was sent yet
+            last_error = translate(exc)
+            if retryable(last_error):
+                continue
+            raise last_error from None
+        finally:
+            await response.aclose()
+    raise last_error
+
+
+async def _relay_json(send: Send, raw: bytes, request: dict[str, Any], endpoint: str,
+                      reply_headers: list[tuple[bytes, bytes]]) -> tuple[int, int] | None:
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise UpstreamUnavailable("upstream sent a body that is not JSON") from None
+    usage = dialect.usage_of(answer) if isinstance(answer, dict) else None
+    if endpoint == "embeddings" and isinstance(answer, dict):
+        raw = orjson.dumps(dialect.embeddings_answer(answer, request.get("encoding_format")))
+    await send_json(send, 200, raw, reply_headers)
+    return usage
+
+
+async def _relay_stream(receive: Receive, send: Send, response: httpx.Response,
+                        request: dict[str, Any], row: dict[str, Any],
+                        reply_headers: list[tuple[bytes, bytes]]) -> tuple[int, int] | None:
+    options = request.get("stream_options")
+    relay = dialect.StreamRelay(isinstance(options, dict) and options.get("include_usage") is True)
+    # uvicorn drops writes to a gone client silently; only receive() tells of a disconnect.
+    gone = asyncio.ensure_future(receive())
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [SSE, (b"cache-control", b"no-cache"), *reply_headers]})
+    try:
+        async for chunk in response.aiter_raw():
+            if gone.done():
+                row["outcome"], row["status"] = "client_cancelled", 499
+                break
+            out = relay.feed(chunk)
+            if out:
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+        else:
+            if not relay.done:
+                row["outcome"], row["status"] = "stream_cut", 502
+    except httpx.HTTPError:
+        row["outcome"], row["status"] = "stream_cut", 502
+    finally:
+        gone.cancel()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return relay.usage
+
+
+def upstream_error(status: int, raw: bytes) -> EurouteError:
+    if status in (401, 403):
+        # The upstream refused euroute's own credentials: the caller can do nothing about it.
+        return UpstreamUnavailable(f"upstream refused euroute's credentials (HTTP {status})")
+    message, kind, param, code = dialect.error_from_upstream(status, raw)
+    return UpstreamError(status, message, type=kind, param=param, code=code)
