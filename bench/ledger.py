@@ -38,9 +38,9 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from proxy.ledger.chain import commitment, pseudonym  # noqa: E402
-from proxy.ledger.db import make_engine, migrate  # noqa: E402
-from proxy.ledger.writer import Writer  # noqa: E402
+from proxy.ledger.chain import commitment, pseudonym
+from proxy.ledger.db import make_engine, migrate
+from proxy.ledger.writer import Writer
 
 TARGETS = {"sqlite": 10_000, "postgresql": 20_000}
 PSEUDONYM_KEY = os.urandom(32)
@@ -153,7 +153,7 @@ async def pg_database(base: str) -> tuple[str, Any] | None:
     dsn = base.replace("postgresql+asyncpg://", "postgresql://")
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         print(f"PostgreSQL: no server at {dsn} ({type(exc).__name__}: {exc}); skipped",
               file=sys.stderr)
         return None

@@ -278,10 +278,13 @@ function response(status, headers, body)
   count = count + 1
   if count == limit then
     -- Stop after `limit` responses: SIGINT makes wrk's main thread report at once.
-    -- (io.popen, not os.execute: system() ignores SIGINT while it runs.)
+    -- (io.popen, not os.execute: system() ignores SIGINT while it runs.) A SIGINT that
+    -- lands before the main thread sleeps is lost, so the marker file lets bench/run.py
+    -- repeat it until wrk exits.
+    wrk.thread:stop()
+    io.open("%(marker)s", "w"):close()
     local f = io.open("/proc/self/stat"); local pid = f:read("*n"); f:close()
     io.popen("kill -INT " .. pid):close()
-    wrk.thread:stop()
   end
 end
 function done(s, lat, req)
@@ -321,16 +324,35 @@ class Wrk:
 def run_wrk(url: str, key: str, stream: bool, conns: int, n: int, tmp: Path,
             cpus: str | None) -> Wrk:
     script = tmp / f"wrk-{'sse' if stream else 'json'}-{key[-6:]}-{n}.lua"
-    script.write_text(LUA % {"body": body(stream), "key": key, "limit": n})
+    marker = script.with_suffix(".done")
+    marker.unlink(missing_ok=True)
+    script.write_text(LUA % {"body": body(stream), "key": key, "limit": n,
+                             "marker": str(marker)})
     limit_s = max(30, int(n / 100))  # a safety net: never reached unless the server stalls
     argv = ["wrk", "-t1", f"-c{conns}", f"-d{limit_s}s", "--timeout", "10s", "--latency",
             "-s", str(script), url]
     if cpus is not None:
         argv = ["taskset", "-c", cpus, *argv]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=limit_s + 60)
-    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
-    if done.returncode != 0 or line is None:
-        raise BenchError(f"wrk failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + limit_s + 60
+            while proc.poll() is None:
+                if marker.exists():
+                    proc.send_signal(signal.SIGINT)
+                if time.monotonic() > deadline:
+                    proc.kill()
+                time.sleep(0.01)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed ({proc.returncode}):\n{stdout}\n{stderr}")
     d = json.loads(line[len("WRKJSON "):])
     errors = {k: d[k] for k in ("connect", "read", "write", "timeout", "non2xx")}
     if d["requests"] < n:
@@ -339,7 +361,7 @@ def run_wrk(url: str, key: str, stream: bool, conns: int, n: int, tmp: Path,
     return Wrk(requests=d["requests"], seconds=secs, rps=d["requests"] / secs,
                p50_ms=d["p50"] / 1e3, p90_ms=d["p90"] / 1e3, p99_ms=d["p99"] / 1e3,
                p999_ms=d["p999"] / 1e3, max_ms=d["max"] / 1e3, errors=errors,
-               raw=done.stdout)
+               raw=stdout)
 
 
 def run_ttfb(url: str, key: str, n: int, cpus: str | None) -> dict[str, Any]:
