@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         keys = KeyCache(engine, settings.key_refresh_s)
         await keys.load()
         writer = Writer(engine, batch_size=settings.ledger_batch_size,
+                        gather_s=settings.ledger_gather_s,
                         buffer_rows=settings.ledger_buffer_rows,
                         max_outage_s=settings.ledger_max_outage_s)
         client = make_client(settings)

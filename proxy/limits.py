@@ -6,16 +6,20 @@ replicas, through a short cache plus what this replica has spent since it was re
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.errors import BudgetExceeded, RateLimited
+from proxy.errors import BudgetExceeded, RateLimited, Unavailable
 from proxy.ledger.tables import ledger
 from proxy.policy.schema import Budget, PolicyLimits
+
+log = logging.getLogger("euroute.limits")
 
 
 @dataclass(slots=True)
@@ -69,32 +73,70 @@ class _Spend:
     read_at: float
     db_nanos: int
     local_nanos: int = 0
+    refreshing: asyncio.Task[None] | None = None
 
 
 class Budgets:
+    """Spend per (app, period, currency): read from the ledger, then refreshed in the
+    background, one read at a time, so no request waits on a scan once the first is done."""
+
     def __init__(self, engine: AsyncEngine, cache_s: float) -> None:
         self.engine = engine
         self.cache_s = cache_s
-        self._spend: dict[tuple[str, str], _Spend] = {}
+        self._spend: dict[tuple[str, str, str], _Spend] = {}
+        self._first: dict[tuple[str, str, str], asyncio.Task[_Spend]] = {}
+
+    async def _read(self, app: str, budget: Budget, start: dt.datetime) -> int:
+        async with self.engine.connect() as conn:
+            total = await conn.scalar(
+                select(func.coalesce(func.sum(ledger.c.cost_nanos), 0)).where(
+                    ledger.c.app == app, ledger.c.created_at >= start,
+                    ledger.c.currency == budget.currency))
+        return int(total or 0)
+
+    async def _load(self, key: tuple[str, str, str], app: str, budget: Budget,
+                    start: dt.datetime) -> _Spend:
+        try:
+            spend = _Spend(start, time.monotonic(), await self._read(app, budget, start))
+            self._spend[key] = spend
+            return spend
+        finally:
+            del self._first[key]
+
+    async def _refresh(self, spend: _Spend, app: str, budget: Budget) -> None:
+        local_before = spend.local_nanos
+        try:
+            total = await self._read(app, budget, spend.start)
+        except Exception as exc:  # noqa: BLE001 - keep the last known spend
+            log.warning("budget refresh for %s failed: %s: %s", app, type(exc).__name__, exc)
+        else:
+            # What this replica spent while the read ran may not be in the database yet.
+            spend.db_nanos, spend.read_at = total, time.monotonic()
+            spend.local_nanos -= local_before
+        finally:
+            spend.refreshing = None
 
     async def _current(self, app: str, budget: Budget) -> _Spend:
-        now = dt.datetime.now(dt.UTC)
-        start = period_start(budget.period, now)
-        key = (app, budget.period)
+        start = period_start(budget.period, dt.datetime.now(dt.UTC))
+        key = (app, budget.period, budget.currency)
         spend = self._spend.get(key)
-        if spend is None or spend.start != start or time.monotonic() - spend.read_at > self.cache_s:
-            async with self.engine.connect() as conn:
-                total = await conn.scalar(
-                    select(func.coalesce(func.sum(ledger.c.cost_nanos), 0)).where(
-                        ledger.c.app == app, ledger.c.created_at >= start,
-                        ledger.c.currency == budget.currency))
-            spend = self._spend[key] = _Spend(start, time.monotonic(), int(total or 0))
+        if spend is None or spend.start != start:
+            task = self._first.get(key)
+            if task is None:
+                task = self._first[key] = asyncio.create_task(self._load(key, app, budget, start))
+            return await asyncio.shield(task)
+        if spend.refreshing is None and time.monotonic() - spend.read_at >= self.cache_s:
+            spend.refreshing = asyncio.create_task(self._refresh(spend, app, budget))
         return spend
 
     async def admit(self, app: str, budget: Budget | None, worst_case_nanos: int) -> None:
         if budget is None:
             return
-        spend = await self._current(app, budget)
+        try:
+            spend = await self._current(app, budget)
+        except Exception as exc:  # noqa: BLE001 - a budget that cannot be read fails closed
+            raise Unavailable(f"the spend of app {app!r} cannot be read, so its budget cannot "
+                              "be enforced") from exc
         limit = int(budget.amount * 1_000_000_000)
         if spend.db_nanos + spend.local_nanos + worst_case_nanos > limit:
             raise BudgetExceeded(
@@ -102,5 +144,6 @@ class Budgets:
                 f"{app!r} would be exceeded", retry_after_s=3600)
 
     def spent(self, app: str, budget: Budget | None, nanos: int) -> None:
-        if budget is not None and (spend := self._spend.get((app, budget.period))):
+        if budget is not None and (spend := self._spend.get((app, budget.period,
+                                                             budget.currency))):
             spend.local_nanos += nanos

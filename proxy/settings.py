@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     key_refresh_s: float = Field(default=2.0, gt=0)
     budget_cache_s: float = Field(default=5.0, ge=0)
     ledger_batch_size: int = Field(default=500, gt=0)
+    # How long the writer lets rows gather before a write (sooner when a batch is full).
+    ledger_gather_s: float = Field(default=0.05, ge=0)
     ledger_buffer_rows: int = Field(default=100_000, gt=0)
     # The writer counts as unhealthy when rows have waited this long without a successful write.
     ledger_max_outage_s: float = Field(default=30.0, gt=0)

@@ -521,7 +521,9 @@ def test_admin_manages_keys_and_reads_no_ledger(proxy: Proxy, api: Api, admin: s
     created = r.json()
     assert (created["app"], created["role"], created["policy"]) == (app, "app", "eu-standard")
     new_key = created["key"]
-    assert chat(proxy, new_key).status_code == 200
+    answered = chat(proxy, new_key)
+    assert answered.status_code == 200
+    proxy.row(answered.headers["x-request-id"])
     assert data(api.get("/v1/usage", new_key))[0]["app"] == app
     listed = {k["id"]: k for k in data(api.get("/v1/admin/keys", admin))}
     assert listed[created["id"]]["revoked_at"] is None
