@@ -54,7 +54,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         os.environ["EUROUTE_MIGRATE_ON_START"] = "false"
     uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, loop="uvloop", http="httptools",
-                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=30)
+                log_level=settings.log_level, access_log=False, proxy_headers=False,
+                timeout_graceful_shutdown=30)
     return 0
 
 

@@ -1,0 +1,26 @@
+"""The benchmarks stay runnable: each runs once in its smoke mode (numbers are not judged here;
+`bench/README.md` has them)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SMOKES = {
+    "proxy": ["bench/run.py", "--smoke"],
+    "ledger": ["bench/ledger.py", "--rows", "3000", "--no-paced", "--out", "{tmp}"],
+    "audit": ["bench/audit_summary.py", "--smoke"],
+}
+
+
+@pytest.mark.parametrize("name", SMOKES)
+def test_benchmark_smoke(name: str, tmp_path: Path) -> None:
+    argv = [a.format(tmp=tmp_path) for a in SMOKES[name]]
+    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
