@@ -12,30 +12,44 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import operator
 import time
 import uuid
 from collections import deque
 from typing import Any
 
-from sqlalchemy import bindparam, insert, update
+from sqlalchemy import Date, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from proxy.ledger.chain import GENESIS, row_hash
-from proxy.ledger.tables import api_keys, chains, ledger
+from proxy.ledger.tables import UTCDateTime, api_keys, chains, ledger
 
 log = logging.getLogger("euroute.ledger")
-COLUMNS = tuple(str(c.name) for c in ledger.columns if c.name != "id")
+_COLS = [c for c in ledger.columns if c.name != "id"]
+COLUMNS = tuple(str(c.name) for c in _COLS)
+_pick = operator.itemgetter(*COLUMNS)
+_TIMES = [i for i, c in enumerate(_COLS) if isinstance(c.type, UTCDateTime)]
+_DATES = [i for i, c in enumerate(_COLS) if isinstance(c.type, Date)]
 _SQLITE_INSERT = (f"INSERT INTO ledger ({', '.join(COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(COLUMNS))})")
 
 
-def _sqlite_value(value: Any) -> Any:
-    # The text forms SQLAlchemy's SQLite dialect stores and parses back.
-    if isinstance(value, dt.datetime):
-        return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    if isinstance(value, dt.date):
-        return value.isoformat()
-    return value
+def _records(batch: list[dict[str, Any]], sqlite: bool) -> list[tuple[Any, ...]]:
+    """Rows as value lists, times as naive UTC: SQLite gets the text forms SQLAlchemy's
+    dialect stores and parses back, asyncpg the objects its binary COPY takes."""
+    out = []
+    for row in batch:
+        values = list(_pick(row))
+        for i in _TIMES:
+            if (when := values[i]) is not None:
+                naive = when.astimezone(dt.UTC).replace(tzinfo=None)
+                values[i] = naive.isoformat(" ", "microseconds") if sqlite else naive
+        if sqlite:
+            for i in _DATES:
+                if (day := values[i]) is not None:
+                    values[i] = day.isoformat()
+        out.append(tuple(values))
+    return out
 
 
 async def _insert(conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
@@ -43,14 +57,11 @@ async def _insert(conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
     processing costs more than everything else the writer does (bench/ledger.py)."""
     dialect = conn.dialect.name
     if dialect == "sqlite":
-        await conn.exec_driver_sql(
-            _SQLITE_INSERT, [tuple(_sqlite_value(row[c]) for c in COLUMNS) for row in batch])
+        await conn.exec_driver_sql(_SQLITE_INSERT, _records(batch, sqlite=True))
     elif dialect == "postgresql" and conn.dialect.driver == "asyncpg":
         raw = await conn.get_raw_connection()
         await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-            "ledger", columns=COLUMNS, records=[
-                tuple(v.astimezone(dt.UTC).replace(tzinfo=None) if isinstance(v, dt.datetime)
-                      else v for v in (row[c] for c in COLUMNS)) for row in batch])
+            "ledger", columns=COLUMNS, records=_records(batch, sqlite=False))
     else:
         await conn.execute(insert(ledger), batch)
 
