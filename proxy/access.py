@@ -32,7 +32,7 @@ def json_response(data: Any, status: int = 200) -> Response:
     return Response(report.to_json(data), status, media_type="application/json")
 
 
-def _error(exc: EurouteError) -> Response:
+def error_response(exc: EurouteError) -> Response:
     return Response(exc.render(), exc.status, media_type="application/json",
                     headers={k.decode(): v.decode() for k, v in exc.headers()})
 
@@ -49,7 +49,7 @@ def allow(*roles: Role) -> Callable[[Handler], Endpoint]:
                                     f"{request.method} {request.url.path}")
                 return await handler(request, key)
             except EurouteError as exc:
-                return _error(exc)
+                return error_response(exc)
         return endpoint
     return wrap
 

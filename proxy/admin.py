@@ -38,12 +38,10 @@ async def create_key(request: Request, key: Key) -> Response:
         raise BadRequest("app must be a name of 1 to 100 characters", param="app")
     if role not in keys.ROLES:
         raise BadRequest(f"role must be one of {', '.join(keys.ROLES)}", param="role")
-    policy = body.get("policy") or (policies.apps[app].policy if app in policies.apps else None)
-    if policy is None:
-        raise BadRequest(f"app {app!r} is not in apps.yaml: name a policy", param="policy")
-    if policy not in policies.policies:
-        raise BadRequest(f"unknown policy {policy!r}; known: "
-                         f"{', '.join(sorted(policies.policies))}", param="policy")
+    try:
+        policy = keys.policy_for(policies, app, body.get("policy"))
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="policy") from None
     secret, record = await keys.create(request.app.state.engine, app=app, policy=policy, role=role)
     await request.app.state.gateway.keys.load()
     return json_response({"object": "api_key", "id": record.id, "key": secret,

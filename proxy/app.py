@@ -16,6 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy import audit
+from proxy.access import error_response
 from proxy.endpoints import Gateway
 from proxy.errors import EurouteError, NotFound
 from proxy.keys import KeyCache
@@ -62,27 +63,22 @@ class Euroute:
             await self.starlette(scope, receive, send)
 
 
-def _error(exc: EurouteError) -> Response:
-    return Response(exc.render(), exc.status, media_type="application/json",
-                    headers={k.decode(): v.decode() for k, v in exc.headers()})
-
-
 async def _http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     if status == 404:
-        return _error(NotFound(f"no such endpoint: {request.method} {request.url.path}"))
+        return error_response(NotFound(f"no such endpoint: {request.method} {request.url.path}"))
     failure = EurouteError(getattr(exc, "detail", "") or "request refused")
     failure.status, failure.type = status, "invalid_request_error"
-    return _error(failure)
+    return error_response(failure)
 
 
 async def _euroute_error(request: Request, exc: Exception) -> Response:
-    return _error(exc if isinstance(exc, EurouteError) else EurouteError(str(exc)))
+    return error_response(exc if isinstance(exc, EurouteError) else EurouteError(str(exc)))
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return _error(EurouteError("internal error; the request id is in x-request-id"))
+    return error_response(EurouteError("internal error; the request id is in x-request-id"))
 
 
 def create_app(settings: Settings | None = None) -> Euroute:

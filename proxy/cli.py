@@ -67,12 +67,10 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     except PolicyError as exc:
         _err(f"policy files are invalid:\n{exc}")
         return 2
-    policy = args.policy or (policies.apps[args.app].policy if args.app in policies.apps else None)
-    if policy is None:
-        _err(f"app {args.app!r} is not in apps.yaml: name a --policy")
-        return 2
-    if policy not in policies.policies:
-        _err(f"unknown policy {policy!r}; known: {', '.join(sorted(policies.policies))}")
+    try:
+        policy = keys.policy_for(policies, args.app, args.policy)
+    except ValueError as exc:
+        _err(str(exc))
         return 2
 
     async def work(engine: Any) -> int:

@@ -18,11 +18,22 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.ledger.tables import api_keys
+from proxy.policy.load import PolicySet
 
 log = logging.getLogger("euroute.keys")
 Role = Literal["app", "auditor", "admin"]
 ROLES: tuple[Role, ...] = ("app", "auditor", "admin")
 PREFIX = "eur_"
+
+
+def policy_for(policies: PolicySet, app: str, policy: str | None) -> str:
+    """The policy a new key of `app` gets: the one named, else the app's in apps.yaml."""
+    chosen = policy or (policies.apps[app].policy if app in policies.apps else None)
+    if chosen is None:
+        raise ValueError(f"app {app!r} is not in apps.yaml: name a policy")
+    if chosen not in policies.policies:
+        raise ValueError(f"unknown policy {chosen!r}; known: {', '.join(sorted(policies.policies))}")
+    return chosen
 
 
 def digest(key: str) -> str:

@@ -107,7 +107,7 @@ class Budgets:
         local_before = spend.local_nanos
         try:
             total = await self._read(app, budget, spend.start)
-        except Exception as exc:  # noqa: BLE001 - keep the last known spend
+        except Exception as exc:  # keep the last known spend
             log.warning("budget refresh for %s failed: %s: %s", app, type(exc).__name__, exc)
         else:
             # What this replica spent while the read ran may not be in the database yet.
@@ -134,7 +134,7 @@ class Budgets:
             return
         try:
             spend = await self._current(app, budget)
-        except Exception as exc:  # noqa: BLE001 - a budget that cannot be read fails closed
+        except Exception as exc:  # a budget that cannot be read fails closed
             raise Unavailable(f"the spend of app {app!r} cannot be read, so its budget cannot "
                               "be enforced") from exc
         limit = int(budget.amount * 1_000_000_000)
