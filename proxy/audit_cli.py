@@ -19,12 +19,12 @@ from proxy.policy.load import PolicyError, read
 from proxy.settings import Settings
 
 
-def _err(*parts: Any) -> None:
+def err(*parts: Any) -> None:
     print(*parts, file=sys.stderr)
 
 
 @contextlib.asynccontextmanager
-async def _engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+async def engine_from(settings: Settings) -> AsyncIterator[AsyncEngine]:
     engine = make_engine(settings.database_url)
     try:
         yield engine
@@ -44,31 +44,31 @@ def _window(args: argparse.Namespace) -> Window:
 # -- the queries ------------------------------------------------------------------------------
 
 async def usage(args: argparse.Namespace, settings: Settings) -> int:
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         rows = await queries.usage(engine, _window(args), group_by=args.group_by)
     _show(rows, args.format)
     return 0
 
 
 async def decisions(args: argparse.Namespace, settings: Settings) -> int:
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         rows = await queries.decisions(engine, _window(args), group_by=args.group_by)
     _show(rows, args.format)
     return 0
 
 
 async def decision(args: argparse.Namespace, settings: Settings) -> int:
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         found = await queries.find(engine, args.id)
     if found is None:
-        _err(f"no decision or request {args.id}")
+        err(f"no decision or request {args.id}")
         return 1
     print(report.to_json(found).decode())
     return 0
 
 
 async def transfers(args: argparse.Namespace, settings: Settings) -> int:
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         found = await providers.transfers(engine, _window(args), limit=args.limit)
     if args.format == "json":
         print(report.to_json(found).decode())
@@ -85,7 +85,7 @@ async def transfers(args: argparse.Namespace, settings: Settings) -> int:
 
 async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
     as_of = args.as_of or dt.datetime.now(dt.UTC).date()
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         rows = await providers.retention(engine, _window(args), as_of=as_of)
     if args.format == "table":
         print(f"requests whose copy at the provider may still exist on {as_of}:")
@@ -94,7 +94,7 @@ async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def contracts(args: argparse.Namespace, settings: Settings) -> int:
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         rows = await providers.contracts(engine, _window(args))
     _show(rows, args.format)
     return 0
@@ -104,9 +104,9 @@ async def processing_records(args: argparse.Namespace, settings: Settings) -> in
     try:
         policies = read(settings.resolved_policy_dir())
     except PolicyError as exc:
-        _err(f"policy files are invalid:\n{exc}")
+        err(f"policy files are invalid:\n{exc}")
         return 2
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         document = await records.records(engine, policies, _window(args))
     if args.format == "json":
         print(report.to_json(document).decode())
@@ -119,7 +119,7 @@ async def processing_records(args: argparse.Namespace, settings: Settings) -> in
 
 async def export(args: argparse.Namespace, settings: Settings) -> int:
     chunks = report.csv_chunks if args.format == "csv" else report.jsonl_chunks
-    async with (_engine(settings) as engine,
+    async with (engine_from(settings) as engine,
                 contextlib.aclosing(queries.export(engine, _window(args))) as rows):
         async for chunk in chunks(queries.EXPORT_COLUMNS, rows):
             sys.stdout.write(chunk if isinstance(chunk, str) else chunk.decode())
@@ -128,7 +128,7 @@ async def export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def verify(args: argparse.Namespace, settings: Settings) -> int:
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         result = await queries.verify(engine)
     if args.format == "json":
         print(report.to_json(result).decode())
@@ -145,10 +145,10 @@ async def purge(args: argparse.Namespace, settings: Settings) -> int:
     today = dt.datetime.now(dt.UTC).date()
     before = args.before or today
     if before > today:
-        _err(f"--before {before} is in the future: that would delete rows still within "
+        err(f"--before {before} is in the future: that would delete rows still within "
              "their retention period")
         return 2
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         counts = await retention.purge(engine, before, dry_run=args.dry_run)
     rows = [{"writer_id": w, "rows": n} for w, n in counts.items()]
     if args.format != "table":
@@ -164,10 +164,10 @@ async def purge(args: argparse.Namespace, settings: Settings) -> int:
 
 async def erase(args: argparse.Namespace, settings: Settings) -> int:
     if settings.pseudonym_key is None:
-        _err("EUROUTE_PSEUDONYM_KEY is not set: without the key the proxy made the pseudonyms "
+        err("EUROUTE_PSEUDONYM_KEY is not set: without the key the proxy made the pseudonyms "
              "with, the subject's rows cannot be found")
         return 2
-    async with _engine(settings) as engine:
+    async with engine_from(settings) as engine:
         touched = await retention.erase(engine, settings.pseudonym_key.get_secret_value().encode(),
                                         args.subject)
     print(f"erased the subject's pseudonym from {touched} rows")

@@ -5,39 +5,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 from proxy import audit_cli, keys, report
-from proxy.ledger.db import make_engine, migrate
+from proxy.audit_cli import engine_from, err
+from proxy.ledger.db import migrate
 from proxy.policy.decide import parse_narrowing
 from proxy.policy.load import PolicyError, read
 from proxy.settings import Settings
 
-Command = Callable[[argparse.Namespace, Settings], Awaitable[int]]
 
-
-def _err(*parts: Any) -> None:
-    print(*parts, file=sys.stderr)
-
-
-async def _with_engine(settings: Settings, work: Callable[[Any], Awaitable[int]]) -> int:
-    engine = make_engine(settings.database_url)
-    try:
-        return await work(engine)
-    finally:
-        await engine.dispose()
+async def _migrate(settings: Settings, revision: str = "head") -> None:
+    async with engine_from(settings) as engine:
+        await migrate(engine, revision)
 
 
 # -- serve, migrate ---------------------------------------------------------------------------
 
 async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(engine: Any) -> int:
-        await migrate(engine, args.revision)
-        _err(f"database at revision {args.revision}")
-        return 0
-    return await _with_engine(settings, work)
+    await _migrate(settings, args.revision)
+    err(f"database at revision {args.revision}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -46,11 +33,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     try:
         read(settings.resolved_policy_dir())
     except PolicyError as exc:
-        _err(f"policy files are invalid:\n{exc}")
+        err(f"policy files are invalid:\n{exc}")
         return 2
     if settings.migrate_on_start:
         # Once, here, not in every worker.
-        asyncio.run(_with_engine(settings, lambda e: migrate(e)))  # type: ignore[arg-type,return-value]
+        asyncio.run(_migrate(settings))
         os.environ["EUROUTE_MIGRATE_ON_START"] = "false"
     uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, loop="uvloop", http="httptools",
@@ -65,39 +52,37 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     try:
         policies = read(settings.resolved_policy_dir())
     except PolicyError as exc:
-        _err(f"policy files are invalid:\n{exc}")
+        err(f"policy files are invalid:\n{exc}")
         return 2
     try:
         policy = keys.policy_for(policies, args.app, args.policy)
     except ValueError as exc:
-        _err(str(exc))
+        err(str(exc))
         return 2
 
-    async def work(engine: Any) -> int:
+    async with engine_from(settings) as engine:
         secret, record = await keys.create(engine, app=args.app, policy=policy, role=args.role)
-        print(secret)
-        _err(f"created {record.id}: app={record.app} role={record.role} policy={record.policy}"
-             " (the key is shown once; only its SHA-256 is stored)")
-        return 0
-    return await _with_engine(settings, work)
+    print(secret)
+    err(f"created {record.id}: app={record.app} role={record.role} policy={record.policy}"
+         " (the key is shown once; only its SHA-256 is stored)")
+    return 0
 
 
 async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(engine: Any) -> int:
+    async with engine_from(settings) as engine:
         print(report.render(await keys.listing(engine), args.format))
-        return 0
-    return await _with_engine(settings, work)
+    return 0
 
 
 async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    async def work(engine: Any) -> int:
-        if await keys.revoke(engine, args.key_id):
-            _err(f"revoked {args.key_id}; every replica refuses it within "
-                 f"{settings.key_refresh_s:g} s")
-            return 0
-        _err(f"no active key {args.key_id}")
-        return 1
-    return await _with_engine(settings, work)
+    async with engine_from(settings) as engine:
+        revoked = await keys.revoke(engine, args.key_id)
+    if revoked:
+        err(f"revoked {args.key_id}; every replica refuses it within "
+             f"{settings.key_refresh_s:g} s")
+        return 0
+    err(f"no active key {args.key_id}")
+    return 1
 
 
 # -- policy -----------------------------------------------------------------------------------
@@ -109,7 +94,7 @@ async def cmd_policy_check(args: argparse.Namespace, settings: Settings) -> int:
     except PolicyError as exc:
         for problem in exc.problems:
             print(f"{directory / problem.file}: {problem.key}: {problem.message}")
-        _err(f"{len(exc.problems)} problem(s)")
+        err(f"{len(exc.problems)} problem(s)")
         return 1
     print(f"{directory}: OK, version {policies.version[:12]}: {len(policies.catalog.routes)} "
           f"routes, {len(policies.policies)} policies, {len(policies.apps)} apps")
@@ -121,14 +106,14 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> in
         policies = read(settings.resolved_policy_dir())
         narrowing = parse_narrowing(args.require or "")
     except (PolicyError, ValueError) as exc:
-        _err(str(exc))
+        err(str(exc))
         return 2
     if args.policy not in policies.policies:
-        _err(f"unknown policy {args.policy!r}; known: {', '.join(sorted(policies.policies))}")
+        err(f"unknown policy {args.policy!r}; known: {', '.join(sorted(policies.policies))}")
         return 2
     decision = policies.decision(args.policy, args.model, narrowing)
     if decision is None:
-        _err(f"no route serves model {args.model!r}; known: {', '.join(policies.by_model)}")
+        err(f"no route serves model {args.model!r}; known: {', '.join(policies.by_model)}")
         return 2
     if args.format == "json":
         print(report.to_json({**decision.as_dict(), "policy_version": policies.version,
