@@ -97,8 +97,8 @@ def create_app(settings: Settings | None = None) -> Euroute:
                         buffer_rows=settings.ledger_buffer_rows,
                         max_outage_s=settings.ledger_max_outage_s)
         client = make_client(settings)
-        gateway = Gateway(settings, policies, keys, writer, client,
-                          Budgets(engine, settings.budget_cache_s))
+        budgets = Budgets(engine, settings.budget_cache_s)
+        gateway = Gateway(settings, policies, keys, writer, client, budgets)
         app.state.gateway, app.state.engine = gateway, engine
         writer.start()
         keys.start()
@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None) -> Euroute:
             await keys.stop()
             try:
                 await writer.close()
+                await budgets.close()
             finally:
                 await client.aclose()
                 await engine.dispose()

@@ -7,6 +7,7 @@ replica stops working on all of them within that interval, and no request waits 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -97,6 +98,9 @@ class KeyCache:
     async def stop(self) -> None:
         if self._task:
             self._task.cancel()
+            # Wait for it, so no database call outlives the engine.
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _refresh(self) -> None:
         while True:

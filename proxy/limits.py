@@ -129,6 +129,11 @@ class Budgets:
             spend.refreshing = asyncio.create_task(self._refresh(spend, app, budget))
         return spend
 
+    async def close(self) -> None:
+        """Let reads in flight finish before the engine goes away."""
+        pending = [s.refreshing for s in self._spend.values() if s.refreshing]
+        await asyncio.gather(*pending, *self._first.values(), return_exceptions=True)
+
     async def admit(self, app: str, budget: Budget | None, worst_case_nanos: int) -> None:
         if budget is None:
             return
