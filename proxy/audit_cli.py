@@ -15,12 +15,21 @@ from proxy import records, report
 from proxy.ledger import providers, queries, retention
 from proxy.ledger.db import make_engine
 from proxy.ledger.queries import Window
-from proxy.policy.load import PolicyError, read
+from proxy.policy.load import PolicyError, PolicySet, read
 from proxy.settings import Settings
 
 
 def err(*parts: Any) -> None:
     print(*parts, file=sys.stderr)
+
+
+def policies_or_none(settings: Settings) -> PolicySet | None:
+    """The policy set, or None after saying on stderr why the files are invalid."""
+    try:
+        return read(settings.resolved_policy_dir())
+    except PolicyError as exc:
+        err(f"policy files are invalid:\n{exc}")
+        return None
 
 
 @contextlib.asynccontextmanager
@@ -101,10 +110,7 @@ async def contracts(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def processing_records(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        policies = read(settings.resolved_policy_dir())
-    except PolicyError as exc:
-        err(f"policy files are invalid:\n{exc}")
+    if (policies := policies_or_none(settings)) is None:
         return 2
     async with engine_from(settings) as engine:
         document = await records.records(engine, policies, _window(args))

@@ -7,7 +7,7 @@ import asyncio
 import os
 
 from proxy import audit_cli, keys, report
-from proxy.audit_cli import engine_from, err
+from proxy.audit_cli import engine_from, err, policies_or_none
 from proxy.ledger.db import migrate
 from proxy.policy.decide import parse_narrowing
 from proxy.policy.load import PolicyError, read
@@ -30,10 +30,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    try:
-        read(settings.resolved_policy_dir())
-    except PolicyError as exc:
-        err(f"policy files are invalid:\n{exc}")
+    if policies_or_none(settings) is None:
         return 2
     if settings.migrate_on_start:
         # Once, here, not in every worker.
@@ -49,10 +46,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 # -- keys -------------------------------------------------------------------------------------
 
 async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        policies = read(settings.resolved_policy_dir())
-    except PolicyError as exc:
-        err(f"policy files are invalid:\n{exc}")
+    if (policies := policies_or_none(settings)) is None:
         return 2
     try:
         policy = keys.policy_for(policies, args.app, args.policy)
