@@ -492,8 +492,18 @@ class Config:
                     env, self.tmp / "upstream.log", self.layout.others)
         self.upstream = up
         proxy: Server | None = None
+        self.floor: Server | None = None
         try:
             wait_http(f"http://127.0.0.1:{self.up_port}/v1/models", up)
+            if self.workers == 1:
+                self.floor_port = free_port()
+                self.floor = Server("pass-through", [
+                    sys.executable, "-m", "uvicorn", "passthrough_app:create", "--factory",
+                    "--app-dir", str(BENCH), "--host", "127.0.0.1", "--port",
+                    str(self.floor_port), "--loop", "uvloop", "--http", "httptools",
+                    "--lifespan", "off", "--no-access-log", "--log-level", "warning"],
+                    env, self.tmp / "passthrough.log", self.layout.proxy)
+                wait_http(f"http://127.0.0.1:{self.floor_port}/", self.floor)
             cli = [sys.executable, "-m", "proxy"]
             subprocess.run([*cli, "migrate"], env=env, cwd=REPO, check=True,
                            capture_output=True)
@@ -520,8 +530,9 @@ class Config:
                     "upstream_workers": self.upstream_workers, "layout": self.layout.describe(),
                     "modes": modes, "problems": self.problems, "noise": self.noise}
         finally:
-            if proxy is not None:
-                proxy.stop()
+            for server in (proxy, self.floor):
+                if server is not None:
+                    server.stop()
             up.stop()
 
     def mode(self, stream: bool) -> dict[str, Any]:
@@ -594,6 +605,13 @@ class Config:
         d1 = run_wrk(direct_url, UPSTREAM_KEY, stream, 1, s.latency_c1, tmp, lo.others)
         self.check(f"{label} direct c=1", d1)
         p1 = measured(1, s.latency_c1, rss=False)
+        floor = None
+        if self.floor is not None:
+            floor_url = f"http://127.0.0.1:{self.floor_port}/"
+            self.check(f"{label} pass-through warm-up", run_wrk(
+                floor_url, UPSTREAM_KEY, stream, 32, s.warmup // 5, tmp, lo.others))
+            floor = run_wrk(floor_url, UPSTREAM_KEY, stream, 1, s.latency_c1, tmp, lo.others)
+            self.check(f"{label} pass-through c=1", floor)
         d32 = run_wrk(direct_url, UPSTREAM_KEY, stream, 32, s.direct_c32, tmp, lo.others)
         self.check(f"{label} direct c=32", d32)
         print(f"  [{self.transport} w={self.workers} {label}] concurrency 32, "
@@ -608,6 +626,9 @@ class Config:
                          "p99_c32": p32["wrk"]["p99_ms"] - d32.p99_ms},
             "rps_c32": p32["wrk"]["rps"], "rps_c32_per_worker": p32["wrk"]["rps"] / self.workers,
         }
+        if floor is not None:
+            result["floor_c1"] = _wrk_dict(floor)
+            result["added_ms"]["floor_p50_c1"] = floor.p50_ms - d1.p50_ms
         if stream:
             print(f"  [{self.transport} w={self.workers} {label}] time to first event ...",
                   file=sys.stderr, flush=True)
@@ -618,6 +639,11 @@ class Config:
                     self.problems.append(f"ttfb {what}: {t['errors']} errors "
                                          f"{t['error_samples']}")
             result["ttfe_direct"], result["ttfe_proxy"] = td, tp
+            if floor is not None:
+                tf = run_ttfb(f"http://127.0.0.1:{self.floor_port}/", UPSTREAM_KEY, s.ttfb,
+                              lo.others)
+                result["ttfe_floor"] = tf
+                result["added_ms"]["floor_ttfe_p50"] = tf["ttfe_ms"]["p50"] - td["ttfe_ms"]["p50"]
             result["added_ms"]["ttfe_p50"] = tp["ttfe_ms"]["p50"] - td["ttfe_ms"]["p50"]
             result["added_ms"]["ttfe_p99"] = tp["ttfe_ms"]["p99"] - td["ttfe_ms"]["p99"]
         return result
@@ -677,6 +703,22 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{_f(d1['p99_ms'])} | {_f(d32['p50_ms'])} | {_f(d32['p99_ms'])} | "
                 f"{d32['rps']:.0f} | {_f(t['ttfe_ms']['p50'] if t else None)} | "
                 f"{_f(t['ttfe_ms']['p99'] if t else None)} |")
+    floors = [(c, mode, r) for c in report["configs"] for mode, r in c["modes"].items()
+              if "floor_c1" in r]
+    if floors:
+        lines += ["", "The floor: a bare pass-through on the same stack (uvicorn, uvloop, httptools, "
+                  "euroute's `Upstream` over the same transport; no policy, translation or ledger; "
+                  "bench/passthrough_app.py), pinned like euroute, at concurrency 1. euroute's own "
+                  "work is the difference.", "",
+                  "| transport | mode | floor +p50 c=1 ms | euroute +p50 c=1 ms | euroute's own ms | "
+                  "floor +TTFE p50 ms | euroute +TTFE p50 ms |",
+                  "|---|---|---|---|---|---|---|"]
+        for c, mode, r in floors:
+            a = r["added_ms"]
+            lines.append(
+                f"| {c['transport']} | {mode} | {_f(a['floor_p50_c1'])} | {_f(a['p50_c1'])} | "
+                f"{_f(a['p50_c1'] - a['floor_p50_c1'])} | {_f(a.get('floor_ttfe_p50'))} | "
+                f"{_f(a.get('ttfe_p50'))} |")
     lines += ["", "Layout: " + "; ".join(f"{c['transport']} w={c['workers']}: {c['layout']}"
                                          for c in report["configs"])]
     if report["targets"]:

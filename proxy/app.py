@@ -25,7 +25,7 @@ from proxy.ledger.writer import Writer
 from proxy.limits import Budgets
 from proxy.policy.live import LivePolicies
 from proxy.settings import Settings
-from proxy.upstream import make_client
+from proxy.upstream import Upstream
 
 log = logging.getLogger("euroute")
 
@@ -96,9 +96,9 @@ def create_app(settings: Settings | None = None) -> Euroute:
                         gather_s=settings.ledger_gather_s,
                         buffer_rows=settings.ledger_buffer_rows,
                         max_outage_s=settings.ledger_max_outage_s)
-        client = make_client(settings)
+        upstream = Upstream(settings)
         budgets = Budgets(engine, settings.budget_cache_s)
-        gateway = Gateway(settings, policies, keys, writer, client, budgets)
+        gateway = Gateway(settings, policies, keys, writer, upstream, budgets)
         app.state.gateway, app.state.engine = gateway, engine
         writer.start()
         keys.start()
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None) -> Euroute:
                 await writer.close()
                 await budgets.close()
             finally:
-                await client.aclose()
+                await upstream.aclose()
                 await engine.dispose()
 
     app = Starlette(lifespan=lifespan,

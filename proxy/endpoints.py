@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import httpx
 import orjson
 
 from proxy import dialect
@@ -38,7 +37,7 @@ from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
 from proxy.policy.schema import Policy, Route
 from proxy.settings import Settings
-from proxy.upstream import forward
+from proxy.upstream import Upstream, forward
 
 log = logging.getLogger("euroute")
 OUTCOMES = {
@@ -67,20 +66,16 @@ def authenticate(keys: KeyCache, headers: dict[bytes, bytes]) -> Key:
     return key
 
 
-def _nanos_per_token(price_per_1m: Any) -> int:
-    return int(price_per_1m * 1000)  # exact: prices have at most 3 decimals
-
-
 class Gateway:
     """Everything a request needs, built once by the app factory."""
 
     def __init__(self, settings: Settings, policies: LivePolicies, keys: KeyCache, writer: Writer,
-                 client: httpx.AsyncClient, budgets: Budgets) -> None:
+                 upstream: Upstream, budgets: Budgets) -> None:
         self.settings = settings
         self.policies = policies
         self.keys = keys
         self.writer = writer
-        self.client = client
+        self.upstream = upstream
         self.budgets = budgets
         self.rates = RateLimiter()
         self.outcomes: Counter[str] = Counter()
@@ -155,7 +150,7 @@ class Gateway:
             await self.budgets.admit(key.app, policy.limits.budget,
                                      self._worst_case(routes[0], request, len(body)))
             tried: list[str] = decision.setdefault("tried", [])
-            route, usage = await forward(self.client, policies, routes, request, endpoint,
+            route, usage = await forward(self.upstream, policies, routes, request, endpoint,
                                          receive, send, row, reply_headers, started, tried)
             self._account(row, route, policy, usage)
         except EurouteError as exc:
@@ -225,8 +220,8 @@ class Gateway:
     def _worst_case(self, route: Route, request: dict[str, Any], body_bytes: int) -> int:
         out_tokens = (request.get("max_completion_tokens") or request.get("max_tokens")
                       or route.limits.max_output_tokens or 0)
-        return (body_bytes // 4 * _nanos_per_token(route.pricing.input_per_1m)
-                + out_tokens * _nanos_per_token(route.pricing.output_per_1m))
+        per_in, per_out = route.pricing.nanos_per_token
+        return body_bytes // 4 * per_in + out_tokens * per_out
 
     def _account(self, row: dict[str, Any], route: Route, policy: Policy,
                  usage: tuple[int, int] | None) -> None:
@@ -234,8 +229,8 @@ class Gateway:
             row["usage_missing"] = True
             return
         prompt, completion = usage
-        cost = (prompt * _nanos_per_token(route.pricing.input_per_1m)
-                + completion * _nanos_per_token(route.pricing.output_per_1m))
+        per_in, per_out = route.pricing.nanos_per_token
+        cost = prompt * per_in + completion * per_out
         row.update(prompt_tokens=prompt, completion_tokens=completion, cost_nanos=cost)
         self.rates.spent_tokens(row["key_id"], prompt + completion)
         self.budgets.spent(row["app"], policy.limits.budget, cost)
@@ -275,6 +270,8 @@ class Gateway:
             "# TYPE euroute_ledger_pending_rows gauge", f"euroute_ledger_pending_rows {w.pending}",
             "# TYPE euroute_ledger_written_total counter",
             f"euroute_ledger_written_total {w.written}",
+            "# TYPE euroute_ledger_batches_total counter",
+            f"euroute_ledger_batches_total {w.batches}",
             "# TYPE euroute_ledger_write_failures_total counter",
             f"euroute_ledger_write_failures_total {w.failures}",
             "# TYPE euroute_ledger_healthy gauge", f"euroute_ledger_healthy {int(w.healthy)}",

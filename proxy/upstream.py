@@ -1,11 +1,11 @@
-"""The one shared upstream client; forwarding with fall-over; relaying JSON and SSE answers."""
+"""The one shared upstream connection pool; forwarding with fall-over; relaying JSON and SSE answers."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import time
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
@@ -19,30 +19,47 @@ from proxy.policy.schema import Route
 from proxy.settings import Settings
 
 
-def _no_cookies() -> CookieJar:
-    # A shared client would otherwise carry one tenant's upstream cookies into another's calls.
-    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+class Upstream:
+    """One shared connection pool to every route, driven through httpx's transport interface.
+
+    A proxy needs none of what `httpx.AsyncClient` does per request (URL merging, auth and
+    redirect flows, cookie jars, default headers), and measured, that work cost more than
+    euroute's policy decision (bench/README.md). Cookies are never kept: the aiohttp session
+    gets a jar that stores nothing, and httpx's own transport has no jar at all.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.timeout = httpx.Timeout(settings.upstream_timeout_s,
+                                     connect=settings.upstream_connect_timeout_s).as_dict()
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        self.transport: httpx.AsyncBaseTransport
+        if settings.upstream_transport == "aiohttp":
+            import aiohttp
+            from httpx_aiohttp import AiohttpTransport
+
+            def session() -> aiohttp.ClientSession:
+                connector = aiohttp.TCPConnector(limit=limits.max_connections or 0,
+                                                 keepalive_timeout=limits.keepalive_expiry)
+                return aiohttp.ClientSession(connector=connector,
+                                             cookie_jar=aiohttp.DummyCookieJar())
+
+            self.transport = AiohttpTransport(client=session)
+        else:
+            self.transport = httpx.AsyncHTTPTransport(limits=limits, retries=0, trust_env=False)
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """The answer with its body unread: the caller reads or streams it, then closes it."""
+        request = httpx.Request("POST", _url(url), content=body, headers=headers,
+                                extensions={"timeout": self.timeout})
+        return await self.transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
-def make_client(settings: Settings) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(settings.upstream_timeout_s, connect=settings.upstream_connect_timeout_s)
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    transport: httpx.AsyncBaseTransport
-    if settings.upstream_transport == "aiohttp":
-        import aiohttp
-        from httpx_aiohttp import AiohttpTransport
-
-        def session() -> aiohttp.ClientSession:
-            connector = aiohttp.TCPConnector(limit=limits.max_connections or 0,
-                                             keepalive_timeout=limits.keepalive_expiry)
-            return aiohttp.ClientSession(connector=connector,
-                                         cookie_jar=aiohttp.DummyCookieJar())
-
-        transport = AiohttpTransport(client=session)
-    else:
-        transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
-    return httpx.AsyncClient(transport=transport, timeout=timeout, limits=limits,
-                             cookies=_no_cookies(), follow_redirects=False, trust_env=False)
+@functools.lru_cache(maxsize=256)
+def _url(url: str) -> httpx.URL:
+    return httpx.URL(url)
 
 
 def translate(exc: httpx.HTTPError) -> EurouteError:
@@ -72,7 +89,7 @@ def route_facts(row: dict[str, Any], route: Route, policies: PolicySet) -> None:
                else row["created_at"].date() + dt.timedelta(days=days))
 
 
-async def forward(client: httpx.AsyncClient, policies: PolicySet, routes: list[Route],
+async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
                   request: dict[str, Any], endpoint: str, receive: Receive, send: Send,
                   row: dict[str, Any], reply_headers: list[tuple[bytes, bytes]], started: float,
                   tried: list[str]) -> tuple[Route, tuple[int, int] | None]:
@@ -89,14 +106,13 @@ async def forward(client: httpx.AsyncClient, policies: PolicySet, routes: list[R
         payload = (dialect.chat_request if endpoint == "chat" else dialect.embeddings_request)(
             request, route.upstream_model)
         headers = {"content-type": "application/json", "accept-encoding": "identity",
-                   "accept": "text/event-stream" if stream else "application/json"}
+                   "accept": "text/event-stream" if stream else "application/json",
+                   "user-agent": "euroute"}
         if api_key := policies.api_keys.get(route.id):
             headers["authorization"] = f"Bearer {api_key}"
-        upstream_request = client.build_request(
-            "POST", f"{policies.base_urls[route.id]}/{path}", content=orjson.dumps(payload),
-            headers=headers)
         try:
-            response = await client.send(upstream_request, stream=True)
+            response = await upstream.post(f"{policies.base_urls[route.id]}/{path}",
+                                           orjson.dumps(payload), headers)
         except httpx.HTTPError as exc:
             last_error = translate(exc)
             if retryable(last_error):
@@ -106,13 +122,13 @@ async def forward(client: httpx.AsyncClient, policies: PolicySet, routes: list[R
         answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
         try:
             if response.status_code >= 400:
-                last_error = upstream_error(response.status_code, await response.aread())
+                last_error = upstream_error(response.status_code, await _read(response))
                 if retryable(last_error):
                     continue
                 raise last_error
             if stream:
                 return route, await _relay_stream(receive, send, response, request, row, answered)
-            raw = await response.aread()
+            raw = await _read(response)
             return route, await _relay_json(send, raw, request, endpoint, answered)
         except httpx.HTTPError as exc:  # reading a JSON body: nothing was sent yet
             last_error = translate(exc)
@@ -122,6 +138,12 @@ async def forward(client: httpx.AsyncClient, policies: PolicySet, routes: list[R
         finally:
             await response.aclose()
     raise last_error
+
+
+async def _read(response: httpx.Response) -> bytes:
+    """The body as sent: euroute asks for identity encoding, so there is nothing to decode
+    (and httpx's decoding layers cost more per answer than relaying it)."""
+    return b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
 
 
 async def _relay_json(send: Send, raw: bytes, request: dict[str, Any], endpoint: str,
@@ -147,7 +169,7 @@ async def _relay_stream(receive: Receive, send: Send, response: httpx.Response,
     await send({"type": "http.response.start", "status": 200,
                 "headers": [SSE, (b"cache-control", b"no-cache"), *reply_headers]})
     try:
-        async for chunk in response.aiter_raw():
+        async for chunk in response.stream:  # type: ignore[union-attr]
             if gone.done():
                 row["outcome"], row["status"] = "client_cancelled", 499
                 break

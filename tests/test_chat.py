@@ -254,14 +254,14 @@ def test_upstream_errors_come_back_openai_shaped(http: httpx.Client, proxy: Prox
 
 def test_upstream_timeout_is_504(proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
     gateway = proxy.gateway
-    saved = gateway.client.timeout
-    gateway.client.timeout = httpx.Timeout(0.3)
+    saved = gateway.upstream.timeout
+    gateway.upstream.timeout = httpx.Timeout(0.3).as_dict()
     try:
         fake.delay_next(1.5)
         r = httpx.post(f"{proxy.url}/chat/completions", json={"model": MODEL, "messages": HELLO},
                        headers={"authorization": f"Bearer {app_key}"}, timeout=10)
     finally:
-        gateway.client.timeout = saved
+        gateway.upstream.timeout = saved
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
     assert proxy.row(r.headers["x-request-id"])["outcome"] == "upstream_timeout"
 

@@ -18,8 +18,10 @@ from proxy.cli import main
 from proxy.ledger import queries
 from proxy.ledger.db import make_engine
 from proxy.ledger.tables import ledger
+from proxy.ledger.writer import Writer
 from tests.conftest import Proxy, copy_policies, ledger_rows, proxy_settings, run
 from tests.fake_mistral import FakeMistral
+from tests.made_rows import made_row
 
 MODEL = "magistral-small-2509"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -326,3 +328,27 @@ def test_client_disconnect_mid_stream_is_recorded(db_url: str, tmp_path: Path) -
         os.environ["MISTRAL_BASE_URL"] = saved
         slow.stop()
     assert row["outcome"] == "client_cancelled" and row["status"] == 499
+
+
+async def _steady_trickle(url: str, seconds: float, gather_s: float) -> tuple[int, int]:
+    """One row every millisecond or so for `seconds`: (rows written, write transactions)."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        writer = Writer(engine, gather_s=gather_s)
+        writer.start()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            writer.submit(made_row("trickle"))
+            await asyncio.sleep(0.001)
+        await writer.close()
+        return writer.written, writer.batches
+    finally:
+        await engine.dispose()
+
+
+def test_writer_batches_a_steady_trickle(db_url: str) -> None:
+    # Rows that arrive while a batch is being written wait for the next gather window; a
+    # writer that wrote them at once would chase single rows, one transaction each.
+    written, batches = run(_steady_trickle(db_url, seconds=1.0, gather_s=0.2))
+    assert written >= 300
+    assert batches <= 1.0 / 0.2 + 3, f"{written} rows took {batches} transactions"

@@ -78,6 +78,7 @@ class Writer:
         self.seq = 0
         self.last_hash = GENESIS
         self.written = 0
+        self.batches = 0
         self.failures = 0
         self._buffer: deque[dict[str, Any]] = deque()
         self._key_use: dict[str, dt.datetime] = {}
@@ -134,11 +135,12 @@ class Writer:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-                # Gather a batch: one transaction per request would cost more than the request.
+            # Gather a batch, after every write too: one transaction per request would cost
+            # more than the request (at concurrency 1 the writer would chase single rows).
+            if len(self._buffer) < self.batch_size and not self._closing:
+                self._full.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self.gather_s)
-                self._full.clear()
-                continue
             batch = self._chain(min(self.batch_size, len(self._buffer)))
             while True:
                 try:
@@ -154,6 +156,7 @@ class Writer:
             for _ in batch:
                 self._buffer.popleft()
             self.written += len(batch)
+            self.batches += 1
             self._oldest_waiting = time.monotonic() if self._buffer else None
 
     def _chain(self, n: int) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -60,6 +61,11 @@ class Pricing(Strict):
         if price.as_tuple().exponent < -3:  # type: ignore[operator]
             raise ValueError("at most 3 decimal places (costs are exact nano-units)")
         return price
+
+    @functools.cached_property
+    def nanos_per_token(self) -> tuple[int, int]:
+        """(input, output) cost of one token in nano-units, exact (see above)."""
+        return int(self.input_per_1m * 1000), int(self.output_per_1m * 1000)
 
 
 class RouteLimits(Strict):
