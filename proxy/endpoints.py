@@ -191,7 +191,7 @@ class Gateway:
             decision["result"] = "model_not_found"
             raise ModelNotFound(f"The model `{model}` does not exist or you do not have "
                                 "access to it.", param="model")
-        reasons = found.reasons()
+        reasons = list(found.reasons)
         routes = []
         for route in found.routes:
             fails = request_checks(route, policy, needs, max_tokens)

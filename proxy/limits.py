@@ -67,9 +67,17 @@ def period_start(period: str, now: dt.datetime) -> dt.datetime:
     return day if period == "day" else day.replace(day=1)
 
 
+def period_end(period: str, start: dt.datetime) -> float:
+    """When the period that began at `start` ends, as a Unix time."""
+    if period == "day":
+        return (start + dt.timedelta(days=1)).timestamp()
+    return (start.replace(day=28) + dt.timedelta(days=4)).replace(day=1).timestamp()
+
+
 @dataclass(slots=True)
 class _Spend:
     start: dt.datetime
+    ends: float
     read_at: float
     db_nanos: int
     local_nanos: int = 0
@@ -97,7 +105,8 @@ class Budgets:
     async def _load(self, key: tuple[str, str, str], app: str, budget: Budget,
                     start: dt.datetime) -> _Spend:
         try:
-            spend = _Spend(start, time.monotonic(), await self._read(app, budget, start))
+            spend = _Spend(start, period_end(budget.period, start), time.monotonic(),
+                           await self._read(app, budget, start))
             self._spend[key] = spend
             return spend
         finally:
@@ -117,12 +126,12 @@ class Budgets:
             spend.refreshing = None
 
     async def _current(self, app: str, budget: Budget) -> _Spend:
-        start = period_start(budget.period, dt.datetime.now(dt.UTC))
         key = (app, budget.period, budget.currency)
         spend = self._spend.get(key)
-        if spend is None or spend.start != start:
+        if spend is None or time.time() >= spend.ends:
             task = self._first.get(key)
             if task is None:
+                start = period_start(budget.period, dt.datetime.now(dt.UTC))
                 task = self._first[key] = asyncio.create_task(self._load(key, app, budget, start))
             return await asyncio.shield(task)
         if spend.refreshing is None and time.monotonic() - spend.read_at >= self.cache_s:

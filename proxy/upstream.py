@@ -99,7 +99,7 @@ async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
     """
     stream = endpoint == "chat" and bool(request.get("stream"))
     path = "chat/completions" if endpoint == "chat" else "embeddings"
-    last_error: EurouteError = UpstreamUnavailable("no route was tried")
+    last_error: EurouteError | None = None
     for route in routes:
         tried.append(route.id)
         route_facts(row, route, policies)
@@ -137,7 +137,7 @@ async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
             raise last_error from None
         finally:
             await response.aclose()
-    raise last_error
+    raise last_error or UpstreamUnavailable("no route was tried")
 
 
 async def _read(response: httpx.Response) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 from collections.abc import Iterator
@@ -10,15 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.pool import NullPool
 
 from proxy.cli import main
 from proxy.ledger import queries
+from proxy.ledger.chain import HASHED, canonical
 from proxy.ledger.db import make_engine
 from proxy.ledger.tables import ledger
 from proxy.ledger.writer import Writer
+from proxy.limits import period_end, period_start
 from tests.conftest import Proxy, copy_policies, ledger_rows, proxy_settings, run
 from tests.fake_mistral import FakeMistral
 from tests.made_rows import made_row
@@ -352,3 +356,23 @@ def test_writer_batches_a_steady_trickle(db_url: str) -> None:
     written, batches = run(_steady_trickle(db_url, seconds=1.0, gather_s=0.2))
     assert written >= 300
     assert batches <= 1.0 / 0.2 + 3, f"{written} rows took {batches} transactions"
+
+
+@pytest.mark.parametrize(("period", "start", "end"), [
+    ("month", dt.datetime(2026, 12, 1, tzinfo=dt.UTC), dt.datetime(2027, 1, 1, tzinfo=dt.UTC)),
+    ("month", dt.datetime(2028, 2, 1, tzinfo=dt.UTC), dt.datetime(2028, 3, 1, tzinfo=dt.UTC)),
+    ("month", dt.datetime(2026, 1, 1, tzinfo=dt.UTC), dt.datetime(2026, 2, 1, tzinfo=dt.UTC)),
+    ("day", dt.datetime(2026, 12, 31, tzinfo=dt.UTC), dt.datetime(2027, 1, 1, tzinfo=dt.UTC)),
+])
+def test_budget_period_ends_at_next_period_start(period: str, start: dt.datetime,
+                                                 end: dt.datetime) -> None:
+    assert period_start(period, start + dt.timedelta(hours=5)) == start
+    assert period_end(period, start) == end.timestamp()
+
+
+def test_canonical_form_is_sorted_key_json() -> None:
+    # Stored hashes depend on these exact bytes: sorted-key JSON of the hashed columns.
+    row = {**made_row("canon"), "writer_id": "w", "seq": 1, "prev_hash": "0" * 64}
+    expected = orjson.dumps({k: row[k] for k in HASHED}, option=orjson.OPT_SORT_KEYS)
+    assert canonical(row) == expected
+    assert list(orjson.loads(expected)) == sorted(orjson.loads(expected))

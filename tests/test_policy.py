@@ -50,7 +50,7 @@ def test_shipped_files_strict_denies_seed_standard_admits() -> None:
     assert [r.id for r in standard.routes] == ["mistral-eu-magistral-small"]
     assert {"route": "mistral-eu-magistral-small", "requirement": "zero_data_retention",
             "message": "ZDR is on contract only and no ZDR contract with mistral is in force"
-            } in strict.reasons()
+            } in strict.reasons
 
 
 def test_strict_admits_seed_once_zdr_contract_in_force(tmp_path: Path) -> None:

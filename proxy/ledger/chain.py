@@ -21,11 +21,12 @@ from proxy.ledger.tables import ledger
 
 GENESIS = "0" * 64
 UNHASHED = frozenset({"id", "end_user", "end_user_salt", "row_hash"})
-HASHED = tuple(str(c.name) for c in ledger.columns if c.name not in UNHASHED)
+# Sorted once here: the dict built in this order serialises exactly as with OPT_SORT_KEYS.
+HASHED = tuple(sorted(str(c.name) for c in ledger.columns if c.name not in UNHASHED))
 
 
 def canonical(row: Mapping[str, Any]) -> bytes:
-    return orjson.dumps({k: row[k] for k in HASHED}, option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps({k: row[k] for k in HASHED})
 
 
 def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.policy.schema import EEA, REGIONS, Contracts, Policy, Require, Residency, Route
@@ -247,17 +247,20 @@ class Decision:
     rules: Rules
     model_check: Check
     verdicts: tuple[Verdict, ...]
+    # Worked out once, when the policy set loads, not on every request.
+    routes: tuple[Route, ...] = field(init=False)
+    reasons: tuple[dict[str, str], ...] = field(init=False)
 
-    @property
-    def routes(self) -> tuple[Route, ...]:
-        if not self.model_check.ok:
-            return ()
-        return tuple(v.route for v in self.verdicts if v.ok)
-
-    def reasons(self) -> list[dict[str, str]]:
-        if not self.model_check.ok:
-            return [{"route": "*", "requirement": "models", "message": self.model_check.detail}]
-        return [r for v in self.verdicts for r in v.reasons()]
+    def __post_init__(self) -> None:
+        if self.model_check.ok:
+            routes = tuple(v.route for v in self.verdicts if v.ok)
+            reasons = tuple(r for v in self.verdicts for r in v.reasons())
+        else:
+            routes = ()
+            reasons = ({"route": "*", "requirement": "models",
+                        "message": self.model_check.detail},)
+        object.__setattr__(self, "routes", routes)
+        object.__setattr__(self, "reasons", reasons)
 
     def as_dict(self) -> dict[str, Any]:
         return {
