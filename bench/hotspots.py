@@ -2,12 +2,13 @@
 
     python bench/hotspots.py                       # json and stream, aiohttp transport
     python bench/hotspots.py --mode stream --transport httpx --requests 30000
+    python bench/hotspots.py --connections 1 --requests 10000   # where concurrency-1 latency goes
 
 Starts the same upstream and proxy as bench/run.py (one worker, SQLite ledger on, pinned the
-same way), drives `--requests` requests at concurrency 32 with wrk while `py-spy record`
+same way), drives `--requests` requests at `--connections` (default 32) with wrk while `py-spy record`
 samples the proxy (all threads, so the aiosqlite thread shows too), then prints the top
 frames by own time and by inclusive time, and the share of samples per area of the code.
-Raw collapsed stacks are kept in bench/results/profile-<mode>-<transport>.txt (flamegraph.pl
+Raw collapsed stacks are kept in bench/results/profile-<mode>-<transport>[-c<N>].txt (flamegraph.pl
 or speedscope read them). Needs py-spy (`pip install py-spy`).
 """
 
@@ -94,7 +95,8 @@ def _summary(lines: list[str], top: int) -> str:
     return "\n".join(out)
 
 
-def profile(mode: str, transport: str, requests: int, rate: int, top: int) -> str:
+def profile(mode: str, transport: str, requests: int, rate: int, top: int, conns: int,
+            name: str) -> str:
     spy = shutil.which("py-spy")
     if spy is None:
         raise bench.BenchError("py-spy is not installed: pip install py-spy")
@@ -124,7 +126,7 @@ def profile(mode: str, transport: str, requests: int, rate: int, top: int) -> st
         url = f"http://127.0.0.1:{cfg.px_port}/v1/chat/completions"
         stream = mode == "stream"
         bench.run_wrk(url, key, stream, 32, 5000, tmp, cfg.layout.others)  # warm-up
-        raw = bench.RESULTS / f"profile-{mode}-{transport}.txt"
+        raw = bench.RESULTS / f"{name}.txt"
         bench.RESULTS.mkdir(parents=True, exist_ok=True)
         # py-spy runs on the load generator's CPU, so it does not steal the proxy's core.
         argv = [spy, "record", "--pid", str(proxy.pid), "--rate", str(rate), "--format", "raw",
@@ -133,13 +135,13 @@ def profile(mode: str, transport: str, requests: int, rate: int, top: int) -> st
             argv = ["taskset", "-c", cfg.layout.others, *argv]
         recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(1.0)
-        w = bench.run_wrk(url, key, stream, 32, requests, tmp, cfg.layout.others)
+        w = bench.run_wrk(url, key, stream, conns, requests, tmp, cfg.layout.others)
         recorder.send_signal(2)
         _, err = recorder.communicate(timeout=60)
         if not raw.exists():
             raise bench.BenchError(f"py-spy wrote nothing: {err.decode(errors='replace')}")
         head = (f"# profile: {mode}, transport {transport}, {w.requests} requests at "
-                f"concurrency 32, {w.rps:.0f} req/s under py-spy ({rate} Hz, non-blocking)\n"
+                f"concurrency {conns}, {w.rps:.0f} req/s under py-spy ({rate} Hz, non-blocking)\n"
                 f"# raw stacks: {raw.relative_to(bench.REPO)}\n")
         return head + summarise(raw, top)
     finally:
@@ -156,6 +158,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=30_000)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--connections", type=int, default=32, help="wrk concurrency")
     parser.add_argument("--summarise", type=Path, default=None,
                         help="only summarise an existing raw py-spy file")
     args = parser.parse_args()
@@ -166,9 +169,12 @@ def main() -> int:
         print("note: py-spy needs ptrace rights (root or CAP_SYS_PTRACE)", file=sys.stderr)
     for mode in args.mode.split(","):
         for transport in args.transport.split(","):
-            report = profile(mode, transport, args.requests, args.rate, args.top)
+            name = f"profile-{mode}-{transport}" + (
+                f"-c{args.connections}" if args.connections != 32 else "")
+            report = profile(mode, transport, args.requests, args.rate, args.top,
+                             args.connections, name)
             print(report + "\n")
-            (bench.RESULTS / f"profile-{mode}-{transport}.md").write_text(report + "\n")
+            (bench.RESULTS / f"{name}.md").write_text(report + "\n")
     return 0
 
 
