@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from mistralai.client import Mistral
 
-from tests.conftest import Proxy
+from tests.conftest import Proxy, copy_policies, proxy_settings
 from tests.fake_mistral import UPSTREAM_KEY, FakeMistral
 
 MODEL = "magistral-small-2509"
@@ -292,3 +293,30 @@ def test_health_and_metrics(proxy: Proxy) -> None:
     assert ready.status_code == 200 and ready.json()["ledger"]["healthy"] is True
     metrics = httpx.get(f"{proxy.origin}/metrics").text
     assert "euroute_ledger_written_total" in metrics
+
+
+def test_httpx_transport_relays_answers_streams_errors_and_timeouts(
+        db_url: str, fake: FakeMistral, tmp_path: Path) -> None:
+    # The selectable pure-httpx transport goes through the same code as the default.
+    settings = proxy_settings(db_url, copy_policies(tmp_path / "p"), upstream_transport="httpx")
+    with Proxy(settings) as server:
+        key = server.key()
+        client = openai.OpenAI(base_url=server.url, api_key=key, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+        usage = raw.parse().usage
+        assert usage is not None
+        assert server.row(raw.headers["x-request-id"])["prompt_tokens"] == usage.prompt_tokens
+        chunks = list(client.chat.completions.create(
+            model=MODEL, messages=HELLO, stream=True, stream_options={"include_usage": True}))
+        assert sum(1 for c in chunks if c.choices) == 5 and chunks[-1].usage is not None
+
+        fake.fail_next(503)
+        with pytest.raises(openai.InternalServerError) as failed:
+            client.chat.completions.create(model=MODEL, messages=HELLO)
+        assert failed.value.status_code == 503
+
+        server.gateway.upstream.timeout = httpx.Timeout(0.3).as_dict()
+        fake.delay_next(1.5)
+        r = httpx.post(f"{server.url}/chat/completions", json={"model": MODEL, "messages": HELLO},
+                       headers={"authorization": f"Bearer {key}"}, timeout=10)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
