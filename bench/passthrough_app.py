@@ -13,7 +13,7 @@ from typing import Any
 
 from proxy.asgi import read_body
 from proxy.settings import Settings
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, read_raw
 
 
 def create():  # type: ignore[no-untyped-def]
@@ -37,7 +37,7 @@ def create():  # type: ignore[no-untyped-def]
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
             else:
-                raw = b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]
+                raw = await read_raw(response)
                 start["headers"].append((b"content-length", str(len(raw)).encode()))
                 await send(start)
                 await send({"type": "http.response.body", "body": raw})

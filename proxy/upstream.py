@@ -122,13 +122,13 @@ async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
         answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
         try:
             if response.status_code >= 400:
-                last_error = upstream_error(response.status_code, await _read(response))
+                last_error = upstream_error(response.status_code, await read_raw(response))
                 if retryable(last_error):
                     continue
                 raise last_error
             if stream:
                 return route, await _relay_stream(receive, send, response, request, row, answered)
-            raw = await _read(response)
+            raw = await read_raw(response)
             return route, await _relay_json(send, raw, request, endpoint, answered)
         except httpx.HTTPError as exc:  # reading a JSON body: nothing was sent yet
             last_error = translate(exc)
@@ -140,7 +140,7 @@ async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
     raise last_error or UpstreamUnavailable("no route was tried")
 
 
-async def _read(response: httpx.Response) -> bytes:
+async def read_raw(response: httpx.Response) -> bytes:
     """The body as sent: euroute asks for identity encoding, so there is nothing to decode
     (and httpx's decoding layers cost more per answer than relaying it)."""
     return b"".join([chunk async for chunk in response.stream])  # type: ignore[union-attr]

@@ -135,6 +135,7 @@ class Writer:
                     return
                 self._wake.clear()
                 await self._wake.wait()
+                continue  # close() wakes the writer with nothing to write
             # Gather a batch, after every write too: one transaction per request would cost
             # more than the request (at concurrency 1 the writer would chase single rows).
             if len(self._buffer) < self.batch_size and not self._closing:
