@@ -80,17 +80,24 @@ class KeyCache:
         self.engine = engine
         self.refresh_s = refresh_s
         self._by_hash: dict[str, Key] = {}
+        self._started = self._applied = 0  # load() calls begun; the newest one applied
         self._task: asyncio.Task[None] | None = None
 
     def get(self, secret: str) -> Key | None:
         return self._by_hash.get(digest(secret))
 
     async def load(self) -> None:
+        # A background refresh that began before a revocation may finish after the reload the
+        # revocation triggered: only a load begun later than the one applied may replace it.
+        self._started += 1
+        ticket = self._started
         async with self.engine.connect() as conn:
             rows = await conn.execute(
                 select(api_keys.c.id, api_keys.c.key_hash, api_keys.c.app, api_keys.c.role,
                        api_keys.c.policy).where(api_keys.c.revoked_at.is_(None)))
-            self._by_hash = {r.key_hash: Key(r.id, r.app, r.role, r.policy) for r in rows}
+            fresh = {r.key_hash: Key(r.id, r.app, r.role, r.policy) for r in rows}
+        if ticket > self._applied:
+            self._applied, self._by_hash = ticket, fresh
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._refresh(), name="euroute-key-cache")
