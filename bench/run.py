@@ -1,8 +1,8 @@
 """The euroute benchmark: one command, from a clean checkout.
 
-    python bench/run.py                      # full: workers 1,2 x transports aiohttp,httpx
+    python bench/run.py                      # full: workers 1,2 x transports http1,httpx
     python bench/run.py --smoke              # seconds; CI runs this to keep the script working
-    python bench/run.py --workers 1 --transport aiohttp --requests 50000
+    python bench/run.py --workers 1 --transport http1 --requests 50000
 
 It starts the sandbox upstream (uvicorn + uvloop + httptools, its own process) and
 `euroute serve` (SQLite, ledger on), drives them with wrk (installed with apt-get when missing)
@@ -92,8 +92,8 @@ def machine() -> dict[str, Any]:
         mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
     versions = {}
     from importlib import metadata
-    for name in ("uvicorn", "uvloop", "httptools", "starlette", "httpx", "httpx-aiohttp",
-                 "aiohttp", "sqlalchemy", "aiosqlite", "orjson"):
+    for name in ("uvicorn", "uvloop", "httptools", "starlette", "httpx", "sqlalchemy",
+                 "aiosqlite", "orjson"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -778,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default=None,
                         help="comma list of proxy worker counts (default 1,2; smoke 1)")
     parser.add_argument("--transport", default=None,
-                        help="comma list of aiohttp,httpx (default both; smoke aiohttp)")
+                        help="comma list of http1,httpx (default both; smoke http1)")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests in each concurrency-32 throughput run (default 100000)")
     parser.add_argument("--upstream-workers", type=int, default=1)
@@ -796,9 +796,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests:
         sizes = Sizes(**{**sizes.__dict__, "throughput": args.requests})
     workers = [int(w) for w in (args.workers or ("1" if args.smoke else "1,2")).split(",")]
-    transports = (args.transport or ("aiohttp" if args.smoke else "aiohttp,httpx")).split(",")
+    transports = (args.transport or ("http1" if args.smoke else "http1,httpx")).split(",")
     for t in transports:
-        if t not in ("aiohttp", "httpx"):
+        if t not in ("http1", "httpx"):
             parser.error(f"unknown transport {t!r}")
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()

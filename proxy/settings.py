@@ -27,8 +27,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     # HMAC key for end-user pseudonyms; never stored in the database.
     pseudonym_key: SecretStr | None = None
-    # "aiohttp" (httpx-aiohttp) measured faster than httpx's own transport: see README, Performance.
-    upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # "http1" (euroute's own, proxy/http1.py) measured fastest; "httpx" is httpx's own
+    # transport (HTTP proxies from the environment are not used either way): README, Performance.
+    upstream_transport: Literal["http1", "httpx"] = "http1"
     upstream_timeout_s: float = Field(default=120.0, gt=0)
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     policy_poll_s: float = Field(default=2.0, ge=0)

@@ -14,6 +14,7 @@ import orjson
 from proxy import dialect
 from proxy.asgi import SSE, Receive, Send, send_json
 from proxy.errors import EurouteError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from proxy.http1 import HTTP1Transport
 from proxy.policy.load import PolicySet
 from proxy.policy.schema import Route
 from proxy.settings import Settings
@@ -24,8 +25,7 @@ class Upstream:
 
     A proxy needs none of what `httpx.AsyncClient` does per request (URL merging, auth and
     redirect flows, cookie jars, default headers), and measured, that work cost more than
-    euroute's policy decision (bench/README.md). Cookies are never kept: the aiohttp session
-    gets a jar that stores nothing, and httpx's own transport has no jar at all.
+    euroute's policy decision (bench/README.md). Neither transport keeps cookies.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -33,17 +33,8 @@ class Upstream:
                                      connect=settings.upstream_connect_timeout_s).as_dict()
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
         self.transport: httpx.AsyncBaseTransport
-        if settings.upstream_transport == "aiohttp":
-            import aiohttp
-            from httpx_aiohttp import AiohttpTransport
-
-            def session() -> aiohttp.ClientSession:
-                connector = aiohttp.TCPConnector(limit=limits.max_connections or 0,
-                                                 keepalive_timeout=limits.keepalive_expiry)
-                return aiohttp.ClientSession(connector=connector,
-                                             cookie_jar=aiohttp.DummyCookieJar())
-
-            self.transport = AiohttpTransport(client=session)
+        if settings.upstream_transport == "http1":
+            self.transport = HTTP1Transport(limits)
         else:
             self.transport = httpx.AsyncHTTPTransport(limits=limits, retries=0, trust_env=False)
 
