@@ -102,6 +102,7 @@ class Gateway:
             self.outcomes["unauthenticated"] += 1
             await send_error(send, exc, reply_headers)
             return
+        await self.writer.room()
         now = dt.datetime.now(dt.UTC)
         policies = self.policies.current
         decision_id = "dec_" + os.urandom(12).hex()
@@ -274,6 +275,8 @@ class Gateway:
             f"euroute_ledger_batches_total {w.batches}",
             "# TYPE euroute_ledger_write_failures_total counter",
             f"euroute_ledger_write_failures_total {w.failures}",
+            "# TYPE euroute_ledger_backpressure_waits_total counter",
+            f"euroute_ledger_backpressure_waits_total {w.waits}",
             "# TYPE euroute_ledger_healthy gauge", f"euroute_ledger_healthy {int(w.healthy)}",
             "# TYPE euroute_admitted_unrecorded_total counter",
             f"euroute_admitted_unrecorded_total {self.admitted_unrecorded}",

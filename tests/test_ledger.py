@@ -358,6 +358,43 @@ def test_writer_batches_a_steady_trickle(db_url: str) -> None:
     assert batches <= 1.0 / 0.2 + 3, f"{written} rows took {batches} transactions"
 
 
+async def _back_pressure(url: str, tmp: Path) -> None:
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        writer = Writer(engine, batch_size=10, gather_s=0)
+        for _ in range(100):
+            writer.submit(made_row("backlog"))
+        waiting = asyncio.ensure_future(writer.room())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # 100 rows wait and nothing writes them: new requests wait
+        writer.start()
+        await asyncio.wait_for(waiting, 10)
+        assert writer.written > 0 and writer.pending < writer.backlog_rows
+        await writer.room()  # keeping up: no wait
+        assert writer.waits == 1
+        await writer.close()
+        assert writer.written == 100
+    finally:
+        await engine.dispose()
+    # A database that fails is the health check's case: requests do not hang on the writer.
+    broken = make_engine(f"sqlite+aiosqlite:///{tmp / 'missing' / 'ledger.db'}", poolclass=NullPool)
+    try:
+        writer = Writer(broken, batch_size=10, gather_s=0)
+        for _ in range(100):
+            writer.submit(made_row("backlog"))
+        writer.start()
+        await asyncio.wait_for(writer.room(), 5)
+        assert writer.failures >= 1 and writer.pending == 100
+        await writer.close(timeout_s=0.1)
+    finally:
+        await broken.dispose()
+
+
+def test_requests_wait_for_a_writer_that_falls_behind_but_not_for_a_failing_one(
+        db_url: str, tmp_path: Path) -> None:
+    run(_back_pressure(db_url, tmp_path))
+
+
 @pytest.mark.parametrize(("period", "start", "end"), [
     ("month", dt.datetime(2026, 12, 1, tzinfo=dt.UTC), dt.datetime(2027, 1, 1, tzinfo=dt.UTC)),
     ("month", dt.datetime(2028, 2, 1, tzinfo=dt.UTC), dt.datetime(2028, 3, 1, tzinfo=dt.UTC)),

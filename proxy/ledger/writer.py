@@ -4,6 +4,10 @@ A row that was answered is never dropped. When the database fails, the batch kee
 position and is retried with backoff; the writer reports unhealthy once rows have waited
 longer than `max_outage_s` or the buffer holds more than `buffer_rows`, and policies with
 `audit.on_write_failure: reject` then refuse new requests (fail closed).
+
+When the database works but takes rows more slowly than requests bring them (one saturated
+worker on SQLite), new requests wait in `room()` for the writer to catch up: back-pressure on
+the callers, instead of a buffer that grows for as long as the overload lasts.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class Writer:
         self.written = 0
         self.batches = 0
         self.failures = 0
+        self.backlog_rows = 4 * batch_size  # more waiting than this, and new requests wait
+        self.waits = 0
+        self._failing = False
+        self._progress = asyncio.Event()
         self._buffer: deque[dict[str, Any]] = deque()
         self._key_use: dict[str, dt.datetime] = {}
         self._wake = asyncio.Event()
@@ -97,6 +105,15 @@ class Writer:
             self._wake.set()
         if len(self._buffer) >= self.batch_size:
             self._full.set()
+
+    async def room(self) -> None:
+        """Return once the writer keeps up: at once, unless more than `backlog_rows` rows wait
+        while the database is taking them (a failing database is the health check's case)."""
+        if len(self._buffer) >= self.backlog_rows and not self._failing:
+            self.waits += 1
+            while len(self._buffer) >= self.backlog_rows and not self._failing:
+                self._progress.clear()
+                await self._progress.wait()
 
     def key_used(self, key_id: str, when: dt.datetime) -> None:
         self._key_use[key_id] = when
@@ -146,9 +163,12 @@ class Writer:
             while True:
                 try:
                     await self._write(batch)
+                    self._failing = False
                     break
                 except Exception as exc:
                     self.failures += 1
+                    self._failing = True
+                    self._progress.set()
                     log.warning("ledger: write of %d rows failed (%s: %s), retrying in %.1fs",
                                 len(batch), type(exc).__name__, exc, backoff)
                     await asyncio.sleep(backoff)
@@ -159,6 +179,7 @@ class Writer:
             self.written += len(batch)
             self.batches += 1
             self._oldest_waiting = time.monotonic() if self._buffer else None
+            self._progress.set()
 
     def _chain(self, n: int) -> list[dict[str, Any]]:
         """Give the next n buffered rows their place in this writer's chain (once only)."""
