@@ -36,7 +36,7 @@ class Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
-        self.idle_since = 0.0
+        self.idle_since: float | None = None  # in the pool since then
         self.clear()
 
     def clear(self) -> None:
@@ -53,6 +53,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.idle_since is not None:  # nothing was asked (a 408 before an idle close, say)
+            self.close()
+            return
         self.answered = True
         try:
             self.parser.feed_data(data)
@@ -70,6 +73,10 @@ class Connection(asyncio.Protocol):
         self.wake()
 
     # -- httptools
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: never reuse this connection
+            raise httpx.RemoteProtocolError("upstream sent an answer nobody asked for")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -153,7 +160,8 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         idle, expiry = limits.max_keepalive_connections, limits.keepalive_expiry
         self.max_idle = 1 << 30 if idle is None else idle
         self.expiry = float("inf") if expiry is None else expiry
-        self.ssl_context = ssl_context
+        # httpx's default: certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR when set
+        self.ssl_context = ssl_context or httpx.create_ssl_context()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
@@ -200,7 +208,8 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         deadline = time.monotonic() - self.expiry
         while idle:
             conn = idle.pop()
-            if not conn.closed and conn.idle_since > deadline:
+            if not conn.closed and conn.idle_since > deadline:  # type: ignore[operator]
+                conn.idle_since = None
                 return conn
             conn.close()
         return None
@@ -211,8 +220,6 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
 
     async def connect(self, origin: Origin, timeout: float | None) -> Connection:
         scheme, host, port = origin
-        if scheme == "https" and self.ssl_context is None:
-            self.ssl_context = httpx.create_ssl_context()  # honours SSL_CERT_FILE/SSL_CERT_DIR
         tls = self.ssl_context if scheme == "https" else None
         try:
             async with asyncio.timeout(timeout):

@@ -32,11 +32,14 @@ class Upstream:
         self.timeout = httpx.Timeout(settings.upstream_timeout_s,
                                      connect=settings.upstream_connect_timeout_s).as_dict()
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+        # certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR when set (a private CA)
+        tls = httpx.create_ssl_context()
         self.transport: httpx.AsyncBaseTransport
         if settings.upstream_transport == "http1":
-            self.transport = HTTP1Transport(limits)
+            self.transport = HTTP1Transport(limits, tls)
         else:
-            self.transport = httpx.AsyncHTTPTransport(limits=limits, retries=0, trust_env=False)
+            self.transport = httpx.AsyncHTTPTransport(verify=tls, limits=limits, retries=0,
+                                                      trust_env=False)
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         """The answer with its body unread: the caller reads or streams it, then closes it."""

@@ -17,6 +17,8 @@ import pytest
 import trustme
 
 from proxy.http1 import HIGH_WATER, HTTP1Transport
+from proxy.settings import Settings
+from proxy.upstream import Upstream
 from tests.conftest import run
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -134,6 +136,38 @@ def test_an_idle_connection_the_server_closed_is_replaced_and_the_request_sent_o
             assert await post(transport, server.url(), b"1") == (200, b"1")
             assert await post(transport, server.url(), b"2") == (200, b"2")
             assert server.connections == 2 and seen == [b"1", b"2"]
+            await transport.aclose()
+    run(scenario())
+
+
+@pytest.mark.parametrize("when", ["with the answer", "while idle"])
+def test_an_answer_nobody_asked_for_retires_the_connection(when: str) -> None:
+    # Some servers send "408 Request Timeout" on an idle keep-alive connection before closing
+    # it; it must never be taken for the answer to the next request.
+    first: list[bool] = []
+
+    async def then_408(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if first:  # only the first connection misbehaves
+            return await keep_alive(reader, writer)
+        first.append(True)
+        head, body = await read_request(reader)
+        timeout = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n"
+        writer.write(answer(body) + (timeout if when == "with the answer" else b""))
+        await writer.drain()
+        if when == "while idle":
+            await asyncio.sleep(0.1)
+            writer.write(timeout)
+            await writer.drain()
+        await keep_alive(reader, writer)
+
+    async def scenario() -> None:
+        async with Server(then_408) as server:
+            transport = HTTP1Transport(LIMITS)
+            assert await post(transport, server.url(), b"1") == (200, b"1")
+            await asyncio.sleep(0.2)
+            assert await post(transport, server.url(), b"2") == (200, b"2")
+            assert await post(transport, server.url(), b"3") == (200, b"3")
+            assert server.connections == 2
             await transport.aclose()
     run(scenario())
 
@@ -262,22 +296,24 @@ def test_stops_reading_while_the_reader_lags_behind() -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("kind", ["http1", "httpx"])
 def test_tls_upstreams_are_verified_against_the_configured_authority(
-        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        kind: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     authority = trustme.CA()
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(server_tls)
+    settings = Settings(upstream_transport=kind)  # type: ignore[arg-type]
 
     async def scenario() -> None:
         async with Server(keep_alive, tls=server_tls) as server:
-            # The system's authorities do not know this one: the connection is refused.
+            # The default authorities do not know this one: the connection is refused.
             with pytest.raises(httpx.ConnectError):
-                await post(HTTP1Transport(LIMITS), server.url("https"))
+                await post(Upstream(settings).transport, server.url("https"))
             # SSL_CERT_FILE names it (as for httpx itself): the same upstream is trusted.
             ca = tmp_path / "ca.pem"
             authority.cert_pem.write_to_path(str(ca))
             monkeypatch.setenv("SSL_CERT_FILE", str(ca))
-            transport = HTTP1Transport(LIMITS)
+            transport = Upstream(settings).transport
             assert await post(transport, server.url("https"), b"secret") == (200, b"secret")
             assert await post(transport, server.url("https"), b"again") == (200, b"again")
             assert server.connections == 1  # kept alive (the refused handshake never got in)
