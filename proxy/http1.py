@@ -162,6 +162,7 @@ class HTTP1Transport(httpx.AsyncBaseTransport):
         self.expiry = float("inf") if expiry is None else expiry
         # httpx's default: certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR when set
         self.ssl_context = ssl_context or httpx.create_ssl_context()
+        self.ssl_context.set_alpn_protocols(["http/1.1"])  # never let a server choose HTTP/2
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})

@@ -302,10 +302,16 @@ def test_tls_upstreams_are_verified_against_the_configured_authority(
     authority = trustme.CA()
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     authority.issue_cert("127.0.0.1").configure_cert(server_tls)
+    server_tls.set_alpn_protocols(["h2", "http/1.1"])  # it would speak HTTP/2 if offered
     settings = Settings(upstream_transport=kind)  # type: ignore[arg-type]
+    protocols: list[str | None] = []
+
+    async def noting_protocol(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocols.append(writer.get_extra_info("ssl_object").selected_alpn_protocol())
+        await keep_alive(reader, writer)
 
     async def scenario() -> None:
-        async with Server(keep_alive, tls=server_tls) as server:
+        async with Server(noting_protocol, tls=server_tls) as server:
             # The default authorities do not know this one: the connection is refused.
             with pytest.raises(httpx.ConnectError):
                 await post(Upstream(settings).transport, server.url("https"))
@@ -317,5 +323,6 @@ def test_tls_upstreams_are_verified_against_the_configured_authority(
             assert await post(transport, server.url("https"), b"secret") == (200, b"secret")
             assert await post(transport, server.url("https"), b"again") == (200, b"again")
             assert server.connections == 1  # kept alive (the refused handshake never got in)
+            assert protocols == ["http/1.1"]
             await transport.aclose()
     run(scenario())
