@@ -1,11 +1,11 @@
-"""euroute's own HTTP/1.1 client, behind httpx's transport interface (`EUROUTE_UPSTREAM_TRANSPORT=http1`).
+"""euroute's own HTTP/1.1 client, behind httpx's transport interface (the default transport).
 
 One loopback round trip through httpx-aiohttp cost euroute four times what the round trip
 itself costs (bench/README.md). A proxy talking to a few known upstreams needs a small part of
 a general client: keep-alive connections per origin on asyncio protocols, answers parsed by
 httptools (the parser uvicorn serves with), TLS, connect/read/pool timeouts, and back-pressure
-while a slow client reads a stream. No redirects, cookies, proxies from the environment or
-HTTP/2; `EUROUTE_UPSTREAM_TRANSPORT=httpx` has them.
+while a slow client reads a stream. No redirects, cookies, HTTP proxies or HTTP/2: euroute
+uses none of them with either transport.
 
 An idle keep-alive connection the upstream closed just as euroute sent a request on it fails
 with no byte of answer; that request is sent once more, on a new connection.
