@@ -218,6 +218,35 @@ def test_reads_bodies_framed_every_way_and_reuses_only_what_may_be_reused(framin
     run(scenario())
 
 
+def test_an_answer_that_arrives_a_few_bytes_at_a_time_reads_the_same() -> None:
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, body = await read_request(reader)
+            if not head:
+                return
+            whole = (b"HTTP/1.1 200 OK\r\nx-long-header: " + b"v" * 300 + b"\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                     % (len(body), body))
+            for i in range(0, len(whole), 7):
+                writer.write(whole[i:i + 7])
+                await writer.drain()
+                await asyncio.sleep(0)
+
+    async def scenario() -> None:
+        async with Server(trickle) as server:
+            transport = HTTP1Transport(LIMITS)
+            for i in range(3):
+                assert await post(transport, server.url(), b"x" * 100 + b"%d" % i) == (
+                    200, b"x" * 100 + b"%d" % i)
+            request = httpx.Request("POST", server.url(), content=b"{}",
+                                    extensions={"timeout": httpx.Timeout(5).as_dict()})
+            response = await transport.handle_async_request(request)
+            assert response.headers["x-long-header"] == "v" * 300
+            await response.aclose()
+            await transport.aclose()
+    run(scenario())
+
+
 def test_malformed_answers_timeouts_and_refused_connections_are_httpx_errors() -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
