@@ -5,7 +5,7 @@
     python bench/run.py --workers 1 --transport http1 --requests 50000
 
 It starts the sandbox upstream (uvicorn + uvloop + httptools, its own process) and
-`euroute serve` (SQLite, ledger on), drives them with wrk (installed with apt-get when missing)
+`euroute serve` (ledger on, SQLite or `--ledger postgresql`), drives them with wrk (installed with apt-get when missing)
 and a raw-socket time-to-first-event client (bench/ttfb.py), and reports per configuration
 and per mode (non-streamed JSON, 20-chunk SSE stream):
 
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -378,13 +379,48 @@ def run_ttfb(url: str, key: str, n: int, cpus: str | None) -> dict[str, Any]:
 
 # -- one configuration ---------------------------------------------------------------------------
 
+PG_ADMIN = os.environ.get("EUROUTE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg(dsn: str, sql: str) -> Any:
+    import asyncio
+
+    import asyncpg
+
+    async def one() -> Any:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+    return asyncio.run(one())
+
+
 class Ledger:
-    def __init__(self, db: Path) -> None:
-        self.db = db
+    """One configuration's ledger database: a fresh SQLite file, or a fresh PostgreSQL database
+    on the server at EUROUTE_BENCH_PG (dropped afterwards)."""
+
+    def __init__(self, backend: str, tmp: Path) -> None:
+        self.backend = backend
+        if backend == "sqlite":
+            self.path = tmp / "euroute.db"
+            self.url = f"sqlite+aiosqlite:///{self.path}"
+        else:
+            name = f"euroute_bench_{secrets.token_hex(4)}"
+            _pg(PG_ADMIN, f'CREATE DATABASE "{name}"')
+            self.dsn = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+            self.url = self.dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
 
     def count(self) -> int:
-        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30) as conn:
+        if self.backend == "postgresql":
+            return int(_pg(self.dsn, "SELECT count(*) FROM ledger"))
+        with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30) as conn:
             return conn.execute("SELECT count(*) FROM ledger").fetchone()[0]
+
+    def drop(self) -> None:
+        if self.backend == "postgresql":
+            name = self.dsn.rsplit("/", 1)[1]
+            _pg(PG_ADMIN, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def settle(self, timeout: float = 60.0) -> int:
         """The row count once the writer has caught up (unchanged for 0.3 s)."""
@@ -455,19 +491,19 @@ def layout(workers: int, pin: bool) -> Layout:
 
 class Config:
     def __init__(self, transport: str, workers: int, sizes: Sizes, tmp: Path, pin: bool,
-                 upstream_workers: int, chunks: int) -> None:
-        self.transport, self.workers, self.sizes = transport, workers, sizes
+                 upstream_workers: int, chunks: int, ledger: str = "sqlite") -> None:
+        self.transport, self.workers, self.sizes, self.backend = transport, workers, sizes, ledger
         self.tmp = tmp / f"{transport}-w{workers}"
         self.tmp.mkdir(parents=True)
+        self.ledger = Ledger(ledger, self.tmp)
         self.layout = layout(workers, pin)
         self.upstream_workers, self.chunks = upstream_workers, chunks
         self.problems: list[str] = []
         self.noise: list[str] = []
 
     def env(self) -> dict[str, str]:
-        self.db = self.tmp / "euroute.db"
         return {**os.environ, "PYTHONPATH": str(REPO),
-                "EUROUTE_DATABASE_URL": f"sqlite+aiosqlite:///{self.db}",
+                "EUROUTE_DATABASE_URL": self.ledger.url,
                 "EUROUTE_POLICY_DIR": str(REPO / "policies"),
                 "EUROUTE_UPSTREAM_TRANSPORT": self.transport,
                 "EUROUTE_LOG_LEVEL": "warning",
@@ -522,11 +558,11 @@ class Config:
                 while len(proxy.workers()) < self.workers and time.monotonic() < deadline:
                     time.sleep(0.2)
                 time.sleep(2)
-            self.proxy, self.ledger = proxy, Ledger(self.db)
+            self.proxy = proxy
             modes = {mode: self.mode(mode == "stream") for mode in ("json", "stream")}
             if not proxy.alive():
                 self.problems.append(f"euroute died:\n{proxy.tail()}")
-            return {"transport": self.transport, "workers": self.workers,
+            return {"transport": self.transport, "workers": self.workers, "ledger": self.backend,
                     "upstream_workers": self.upstream_workers, "layout": self.layout.describe(),
                     "modes": modes, "problems": self.problems, "noise": self.noise}
         finally:
@@ -534,6 +570,7 @@ class Config:
                 if server is not None:
                     server.stop()
             up.stop()
+            self.ledger.drop()
 
     def mode(self, stream: bool) -> dict[str, Any]:
         label = "stream" if stream else "json"
@@ -671,7 +708,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"Sizes: warm-up {report['sizes']['warmup']}, concurrency-1 runs "
         f"{report['sizes']['latency_c1']} requests, concurrency-32 throughput run "
         f"{report['sizes']['throughput']} requests, time to first event "
-        f"{report['sizes']['ttfb']} streams. One SQLite ledger row per request.",
+        f"{report['sizes']['ttfb']} streams. One {report.get('ledger', 'sqlite')} ledger row per "
+        "request.",
         "",
         "| transport | workers | mode | CPU ms/req c=32 | CPU ms/req c=1 | req/s c=32 | "
         "req/s/worker | +p50 c=1 ms | +p99 c=1 ms | +p50 c=32 ms | +p99 c=32 ms | "
@@ -783,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests in each concurrency-32 throughput run (default 100000)")
     parser.add_argument("--upstream-workers", type=int, default=1)
     parser.add_argument("--chunks", type=int, default=20, help="SSE data events per stream")
+    parser.add_argument("--ledger", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="ledger database (postgresql: a fresh database on the server at "
+                             "EUROUTE_BENCH_PG, default 127.0.0.1:5432 user postgres)")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin processes to CPUs with taskset")
     parser.add_argument("--check-targets", action="store_true",
@@ -807,13 +848,14 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {"mode": "smoke" if args.smoke else "full",
                                   "started": started.strftime("%Y-%m-%d %H:%M UTC"),
                                   "machine": machine(), "sizes": sizes.__dict__,
+                                  "ledger": args.ledger,
                                   "targets_definition": TARGETS, "configs": []}
         with tempfile.TemporaryDirectory(prefix="euroute-bench-") as tmp:
             for t in transports:
                 for w in workers:
                     print(f"== transport={t} workers={w}", file=sys.stderr, flush=True)
                     cfg = Config(t, w, sizes, Path(tmp), not args.no_pin,
-                                 args.upstream_workers, args.chunks)
+                                 args.upstream_workers, args.chunks, args.ledger)
                     report["configs"].append(cfg.run())
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)

@@ -13,6 +13,7 @@ from tests.conftest import REPO
 
 SMOKES = {
     "proxy": ["bench/run.py", "--smoke"],
+    "proxy-postgresql": ["bench/run.py", "--smoke", "--ledger", "postgresql", "--out", "{tmp}"],
     "ledger": ["bench/ledger.py", "--rows", "3000", "--no-paced", "--out", "{tmp}"],
     "audit": ["bench/audit_summary.py", "--smoke"],
 }
