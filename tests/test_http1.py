@@ -18,7 +18,7 @@ import trustme
 
 from proxy.http1 import HIGH_WATER, HTTP1Transport
 from proxy.settings import Settings
-from proxy.upstream import Upstream
+from proxy.upstream import Upstream, read_raw
 from tests.conftest import run
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -88,7 +88,7 @@ async def post(transport: httpx.AsyncBaseTransport, url: str, body: bytes = b"{}
                             extensions={"timeout": httpx.Timeout(timeout).as_dict()})
     response = await transport.handle_async_request(request)
     try:
-        return response.status_code, b"".join([c async for c in response.stream])  # type: ignore[union-attr]
+        return response.status_code, await read_raw(response)
     finally:
         await response.aclose()
 
@@ -291,7 +291,7 @@ def test_a_full_pool_waits_then_times_out_and_frees_its_slot_on_close() -> None:
             waiting = asyncio.ensure_future(post(transport, server.url(), b"next"))
             await asyncio.sleep(0.05)
             assert not waiting.done()
-            assert b"".join([c async for c in held.stream]) == b"{}"  # type: ignore[union-attr]
+            assert await read_raw(held) == b"{}"
             await held.aclose()
             assert await waiting == (200, b"next")
             assert server.connections == 1  # the waiting request took the freed connection
@@ -317,7 +317,7 @@ def test_stops_reading_while_the_reader_lags_behind() -> None:
             body: Any = response.stream
             await asyncio.sleep(0.3)  # a slow client: the answer keeps arriving meanwhile
             buffered = body.conn.buffered
-            got = sum([len(c) async for c in body])
+            got = len(await read_raw(response))
             await response.aclose()
             assert got == size
             assert HIGH_WATER <= buffered <= 2 * HIGH_WATER

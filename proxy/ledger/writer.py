@@ -109,11 +109,12 @@ class Writer:
     async def room(self) -> None:
         """Return once the writer keeps up: at once, unless more than `backlog_rows` rows wait
         while the database is taking them (a failing database is the health check's case)."""
-        if len(self._buffer) >= self.backlog_rows and not self._failing:
-            self.waits += 1
-            while len(self._buffer) >= self.backlog_rows and not self._failing:
-                self._progress.clear()
-                await self._progress.wait()
+        if len(self._buffer) < self.backlog_rows or self._failing:
+            return
+        self.waits += 1
+        while len(self._buffer) >= self.backlog_rows and not self._failing:
+            self._progress.clear()
+            await self._progress.wait()
 
     def key_used(self, key_id: str, when: dt.datetime) -> None:
         self._key_use[key_id] = when
