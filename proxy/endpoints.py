@@ -37,7 +37,7 @@ from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
 from proxy.policy.schema import Policy, Route
 from proxy.settings import Settings
-from proxy.upstream import Upstream, forward
+from proxy.upstream import Upstream, forward, route_facts
 
 log = logging.getLogger("euroute")
 OUTCOMES = {
@@ -151,6 +151,8 @@ class Gateway:
             await self.budgets.admit(key.app, policy.limits.budget,
                                      self._worst_case(routes[0], request, len(body)))
             tried: list[str] = decision.setdefault("tried", [])
+            route_facts(row, routes[0], policies)  # the intent names the first choice
+            await self.writer.begin(row, decision, policy.audit.on_write_failure == "reject")
             route, usage = await forward(self.upstream, policies, routes, request, endpoint,
                                          receive, send, row, reply_headers, started, tried)
             self._account(row, route, policy, usage)
@@ -277,6 +279,12 @@ class Gateway:
             f"euroute_ledger_write_failures_total {w.failures}",
             "# TYPE euroute_ledger_backpressure_waits_total counter",
             f"euroute_ledger_backpressure_waits_total {w.waits}",
+            "# TYPE euroute_ledger_dead_letters_total counter",
+            f"euroute_ledger_dead_letters_total {w.dead_letters}",
+            "# TYPE euroute_ledger_writer_restarts_total counter",
+            f"euroute_ledger_writer_restarts_total {w.restarts}",
+            "# TYPE euroute_ledger_recovered_total counter",
+            f"euroute_ledger_recovered_total {w.recovered}",
             "# TYPE euroute_ledger_healthy gauge", f"euroute_ledger_healthy {int(w.healthy)}",
             "# TYPE euroute_admitted_unrecorded_total counter",
             f"euroute_admitted_unrecorded_total {self.admitted_unrecorded}",
