@@ -217,8 +217,12 @@ class Writer:
         self._spawn("rows", self._run)
         self._spawn("intents", self._commit_intents)
 
-    def _spawn(self, name: str, work: Callable[[], Awaitable[None]]) -> None:
-        task = asyncio.create_task(work(), name=f"euroute-ledger-{name}")  # type: ignore[arg-type]
+    def _spawn(self, name: str, work: Callable[[], Awaitable[None]], delay: float = 0.0) -> None:
+        async def run() -> None:
+            # After a crash, not at once: a fault that repeats must not become a busy loop.
+            await asyncio.sleep(delay)
+            await work()
+        task = asyncio.create_task(run(), name=f"euroute-ledger-{name}")
         self._tasks[name] = task
         task.add_done_callback(lambda t: self._ended(name, work, t))
 
@@ -229,10 +233,7 @@ class Writer:
             return
         self.restarts += 1
         log.error("ledger: the %s task died; restarting it", name, exc_info=task.exception())
-        if not self._closing or name == "rows":
-            # Not at once: a fault that repeats must not become a busy loop.
-            asyncio.get_running_loop().call_later(min(self.restarts, 10) * 0.1,
-                                                  self._spawn, name, work)
+        self._spawn(name, work, min(self.restarts, 10) * 0.1)
 
     async def close(self, timeout_s: float = 30.0) -> None:
         """Flush everything buffered, publish the last anchor, then stop."""
