@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -74,21 +75,27 @@ def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Pat
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     log = tmp_path / "serve.log"
     server, url = start(env, log)
+    answers = threading.Semaphore(0)
+    # One client for all threads: a client per request builds a TLS context each time, and
+    # that alone kept two cores busy for half a minute.
+    client = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=16),
+                          headers={"authorization": f"Bearer {key}"})
     try:
         def one(i: int) -> str | None:
             try:
-                r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
-                               headers={"authorization": f"Bearer {key}"},
-                               json={"model": "magistral-small-2509", "stream": i % 2 == 0,
-                                     "messages": [{"role": "user", "content": f"n{i}"}]})
+                r = client.post(f"{url}/v1/chat/completions",
+                                json={"model": "magistral-small-2509", "stream": i % 2 == 0,
+                                      "messages": [{"role": "user", "content": f"n{i}"}]})
                 r.read()
             except httpx.TransportError:
                 return None  # refused once shutdown began: never answered, nothing to record
+            answers.release()
             return r.headers["x-request-id"] if r.status_code == 200 else None
 
-        with ThreadPoolExecutor(16) as pool:
+        with client, ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(one, i) for i in range(400)]
-            time.sleep(0.5)
+            for _ in range(10):  # SIGTERM once ten requests were answered, under load
+                assert answers.acquire(timeout=30), log.read_text()
             server.send_signal(signal.SIGTERM)
             answered = [rid for f in futures if (rid := f.result())]
         # uvicorn re-raises SIGTERM once it has shut down gracefully.
