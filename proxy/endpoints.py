@@ -133,8 +133,12 @@ class Gateway:
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             request = dialect.parse(body)
             dialect.check_types(request)
-            model = request["model"][:200]
-            row.set(model=model)
+            model = request["model"]
+            try:
+                row.set(model=model)
+            except ValueError:
+                raise BadRequest("'model' must be at most 200 characters, without NUL",
+                                 param="model", code="invalid_value") from None
             user = headers.get(b"x-euroute-user", b"").decode("latin-1") or request.get("user")
             if isinstance(user, str) and user:
                 pseud = pseudonym(self.pseudonym_key, user)
