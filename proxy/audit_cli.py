@@ -8,8 +8,8 @@ import contextlib
 import datetime as dt
 import sqlite3
 import sys
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import make_url

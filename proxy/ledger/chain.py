@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Mapping
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from proxy.ledger.record import RequestRecord
 from proxy.ledger.tables import ledger
 
 GENESIS = "0" * 64
@@ -32,6 +34,9 @@ DEV_SECRET = b"euroute-development-ledger-key (public: protects nothing)"
 TOMBSTONE_REASONS = frozenset({"retention_purge", "erasure"})
 # Sorted once here: the dict built in this order serialises exactly as with OPT_SORT_KEYS.
 HASHED = tuple(sorted(str(c.name) for c in ledger.columns if c.name not in UNHASHED))
+
+
+_hashed_of = operator.attrgetter(*HASHED)
 
 
 def canonical(row: Mapping[str, Any]) -> bytes:
@@ -79,11 +84,16 @@ class Keyring:
 DEV_KEYRING = Keyring(DEV_KEY)
 
 
-def row_hash(prev_hash: str, row: Mapping[str, Any], key: LedgerKey | None = DEV_KEY) -> str:
-    """The row's place in the chain: HMAC under `key`, plain SHA-256 for unkeyed legacy rows."""
+def _link(prev_hash: str, canonical_row: bytes, key: LedgerKey | None) -> str:
+    """HMAC under `key`; plain SHA-256 for unkeyed rows from before keyed chains."""
     if key is None:
-        return hashlib.sha256(prev_hash.encode() + canonical(row)).hexdigest()
-    return hmac.new(key.secret, prev_hash.encode() + canonical(row), hashlib.sha256).hexdigest()
+        return hashlib.sha256(prev_hash.encode() + canonical_row).hexdigest()
+    return hmac.new(key.secret, prev_hash.encode() + canonical_row, hashlib.sha256).hexdigest()
+
+
+def row_hash(prev_hash: str, row: Mapping[str, Any], key: LedgerKey | None = DEV_KEY) -> str:
+    """A stored row's place in the chain."""
+    return _link(prev_hash, canonical(row), key)
 
 
 def head_mac(key: LedgerKey, writer_id: str, last_seq: int, last_hash: str) -> str:
@@ -97,6 +107,12 @@ def tombstone_mac(key: LedgerKey, stone: Mapping[str, Any]) -> str:
 
 def anchor_mac(key: LedgerKey, anchor: Mapping[str, Any]) -> str:
     return key.mac("anchor", anchor["writer_id"], anchor["seq"], anchor["hash"], anchor["at"])
+
+
+def record_hash(prev_hash: str, record: RequestRecord, key: LedgerKey | None = DEV_KEY) -> str:
+    """`row_hash` of a record before it is a row: the same canonical bytes."""
+    return _link(prev_hash, orjson.dumps(dict(zip(HASHED, _hashed_of(record), strict=True))),
+                 key)
 
 
 def commitment(salt: str, pseudonym: str) -> str:

@@ -37,7 +37,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from proxy.errors import Unavailable
 from proxy.ledger.anchors import AnchorSink
-from proxy.ledger.chain import DEV_KEYRING, GENESIS, Keyring, head_mac, row_hash
+from proxy.ledger.chain import DEV_KEYRING, GENESIS, Keyring, head_mac, record_hash
+from proxy.ledger.record import FIELDS, RequestRecord
 from proxy.ledger.tables import (
     UTCDateTime,
     api_keys,
@@ -51,18 +52,27 @@ from proxy.ledger.tables import (
 log = logging.getLogger("euroute.ledger")
 _COLS = [c for c in ledger.columns if c.name != "id"]
 COLUMNS = tuple(str(c.name) for c in _COLS)
-_pick = operator.itemgetter(*COLUMNS)
+_pick = operator.attrgetter(*COLUMNS)
 _TIMES = [i for i, c in enumerate(_COLS) if isinstance(c.type, UTCDateTime)]
 _DATES = [i for i, c in enumerate(_COLS) if isinstance(c.type, Date)]
+_TIME_FIELDS = [COLUMNS[i] for i in _TIMES]
+_DATE_FIELDS = [COLUMNS[i] for i in _DATES]
 _SQLITE_INSERT = (f"INSERT INTO ledger ({', '.join(COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(COLUMNS))})")
 # Not in an intent: the chain columns come later, and an intent carries no pseudonym (a
 # recovered row does without it rather than keep one outside the erasable columns).
-_NOT_INTENDED = frozenset({"writer_id", "seq", "prev_hash", "row_hash", "hash_key_id",
-                           "end_user", "end_user_salt", "end_user_commitment"})
+_INTENDED = tuple(name for name in FIELDS if name not in {
+    "writer_id", "seq", "prev_hash", "row_hash", "hash_key_id", "end_user", "end_user_salt",
+    "end_user_commitment", "decision"})
+# An intent whose facts cannot be read still becomes a row: that a request went out is the
+# evidence, and verify then shows who claims what.
+_UNREADABLE_INTENT: dict[str, Any] = {
+    "app": "unknown", "key_id": None, "endpoint": "unknown", "policy": "unknown",
+    "policy_version": "unknown", "retain_until": dt.date.max,
+    "outcome": "outcome_unknown", "status": 0, "usage_missing": True}
 
 
-def _records(batch: list[dict[str, Any]], sqlite: bool) -> list[tuple[Any, ...]]:
+def _records(batch: list[RequestRecord], sqlite: bool) -> list[tuple[Any, ...]]:
     """Rows as value lists, times as naive UTC: SQLite gets the text forms SQLAlchemy's
     dialect stores and parses back, asyncpg the objects its binary COPY takes."""
     out = []
@@ -80,7 +90,7 @@ def _records(batch: list[dict[str, Any]], sqlite: bool) -> list[tuple[Any, ...]]
     return out
 
 
-async def _insert(conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
+async def _insert(conn: AsyncConnection, batch: list[RequestRecord]) -> None:
     """Insert a batch by the fastest path each database has: SQLAlchemy's per-row parameter
     processing costs more than everything else the writer does (bench/ledger.py)."""
     dialect = conn.dialect.name
@@ -91,7 +101,7 @@ async def _insert(conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
         await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
             "ledger", columns=COLUMNS, records=_records(batch, sqlite=False))
     else:
-        await conn.execute(insert(ledger), batch)
+        await conn.execute(insert(ledger), [row.as_dict() for row in batch])
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -144,7 +154,7 @@ class Writer:
         self.waits = 0
         self._failing = False
         self._progress = asyncio.Event()
-        self._buffer: deque[dict[str, Any]] = deque()
+        self._buffer: deque[RequestRecord] = deque()
         self._key_use: dict[str, dt.datetime] = {}
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
@@ -160,7 +170,7 @@ class Writer:
         self._erasure_seen = 0
         self._next_anchor = 0.0
 
-    def submit(self, row: dict[str, Any]) -> None:
+    def submit(self, row: RequestRecord) -> None:
         if not self._buffer:
             self._oldest_waiting = time.monotonic()
         self._buffer.append(row)
@@ -169,17 +179,17 @@ class Writer:
         if len(self._buffer) >= self.batch_size:
             self._full.set()
 
-    async def begin(self, row: dict[str, Any], decision: dict[str, Any], required: bool) -> None:
+    async def begin(self, row: RequestRecord, decision: dict[str, Any], required: bool) -> None:
         """Return once the request's intent is durable, so a crash during forwarding leaves
         evidence. A policy that admits requests it cannot record (`required` false) does not
         wait for a database that is failing; one that rejects them gets 503 instead."""
         if not self.durable or (self._failing and not required):
             return
-        facts = {k: v for k, v in row.items() if k not in _NOT_INTENDED}
+        facts = {k: getattr(row, k) for k in _INTENDED}
         facts["decision"] = decision
         future = asyncio.get_running_loop().create_future()
-        self._intents.append(({"request_id": row["request_id"], "writer_id": self.writer_id,
-                               "created_at": row["created_at"],
+        self._intents.append(({"request_id": row.request_id, "writer_id": self.writer_id,
+                               "created_at": row.created_at,
                                "facts": orjson.dumps(facts).decode()}, future))
         self._intent_wake.set()
         try:
@@ -331,7 +341,7 @@ class Writer:
         n = min(self.batch_size, len(self._buffer))
         await self._store([self._buffer[i] for i in range(n)])
 
-    async def _store(self, rows: list[dict[str, Any]]) -> None:
+    async def _store(self, rows: list[RequestRecord]) -> None:
         """Write rows, isolating the ones the database refuses; pops what is settled."""
         try:
             await self._write(rows)
@@ -349,40 +359,41 @@ class Writer:
         self.batches += 1
         self._settled(rows)
 
-    def _settled(self, rows: list[dict[str, Any]]) -> None:
+    def _settled(self, rows: list[RequestRecord]) -> None:
         for row in rows:
             self._buffer.popleft()
-            self._intended.discard(row["request_id"])
+            self._intended.discard(row.request_id)
         self._oldest_waiting = time.monotonic() if self._buffer else None
         self._progress.set()
 
-    def _chain(self, rows: list[dict[str, Any]]) -> None:
+    def _chain(self, rows: list[RequestRecord]) -> None:
         """Give rows the next places in this writer's chain (again, if a write is retried)."""
         seq, last = self.seq, self.last_hash
         for row in rows:
-            if (erased := self._erased.get(row["end_user"])) and row["created_at"] <= erased:
-                row["end_user"] = row["end_user_salt"] = None
+            if (row.end_user is not None and (erased := self._erased.get(row.end_user))
+                    and row.created_at <= erased):
+                row.end_user = row.end_user_salt = None
             seq += 1
-            row.update(writer_id=self.writer_id, seq=seq, prev_hash=last,
-                       hash_key_id=self.key.id)
-            row["row_hash"] = last = row_hash(last, row, self.key)
+            row.writer_id, row.seq, row.prev_hash = self.writer_id, seq, last
+            row.hash_key_id = self.key.id
+            row.row_hash = last = record_hash(last, row, self.key)
 
     def _head(self, seq: int, last_hash: str, now: dt.datetime) -> dict[str, Any]:
         return {"last_seq": seq, "last_hash": last_hash, "updated_at": now,
                 "hash_key_id": self.key.id,
                 "head_mac": head_mac(self.key, self.writer_id, seq, last_hash)}
 
-    async def _write(self, rows: list[dict[str, Any]]) -> None:
+    async def _write(self, rows: list[RequestRecord]) -> None:
         self._chain(rows)
         now = dt.datetime.now(dt.UTC)
         used, self._key_use = self._key_use, {}
-        done = [r["request_id"] for r in rows if r["request_id"] in self._intended]
+        done = [r.request_id for r in rows if r.request_id in self._intended]
         try:
             async with self.engine.begin() as conn:
                 await _insert(conn, rows)
                 await conn.execute(update(chains).where(chains.c.writer_id == self.writer_id)
-                                   .values(**self._head(rows[-1]["seq"], rows[-1]["row_hash"],
-                                                        now)))
+                                   .values(**self._head(rows[-1].seq or 0,
+                                                        rows[-1].row_hash or GENESIS, now)))
                 if done:
                     await conn.execute(delete(intents).where(intents.c.request_id.in_(done)))
                 if used:
@@ -394,12 +405,12 @@ class Writer:
             for k, w in used.items():
                 self._key_use.setdefault(k, w)
             raise
-        self.seq, self.last_hash = rows[-1]["seq"], rows[-1]["row_hash"]
+        self.seq, self.last_hash = rows[-1].seq or 0, rows[-1].row_hash or GENESIS
 
-    async def _dead_letter(self, row: dict[str, Any], exc: Exception) -> None:
+    async def _dead_letter(self, row: RequestRecord, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}".replace("\x00", "\\0")[:500]
-        request_id = str(row.get("request_id", ""))
-        record = orjson.dumps({k: _plain(v) for k, v in row.items()
+        request_id = str(row.request_id)
+        record = orjson.dumps({k: _plain(getattr(row, k)) for k in FIELDS
                                if k not in ("writer_id", "seq", "prev_hash", "row_hash")})
         async with self.engine.begin() as conn:
             await conn.execute(insert(dead_letters).values(
@@ -470,20 +481,28 @@ class Writer:
                     len(claimed) - len(written))
 
     def _recovered_row(self, request_id: str, facts: dict[str, Any]) -> None:
-        row: dict[str, Any] = {name: facts.get(name) for name in COLUMNS}
-        for i in _TIMES:
-            if row[COLUMNS[i]] is not None:
-                row[COLUMNS[i]] = dt.datetime.fromisoformat(row[COLUMNS[i]])
-        for i in _DATES:
-            if row[COLUMNS[i]] is not None:
-                row[COLUMNS[i]] = dt.date.fromisoformat(row[COLUMNS[i]])
+        values = {name: facts.get(name) for name in _INTENDED}
+        for name in _TIME_FIELDS:
+            if values[name] is not None:
+                values[name] = dt.datetime.fromisoformat(values[name])
+        for name in _DATE_FIELDS:
+            if values[name] is not None:
+                values[name] = dt.date.fromisoformat(values[name])
         decision = facts.get("decision") or {}
         decision["recovered_by"] = self.writer_id
-        row.update(request_id=request_id, end_user=None, end_user_salt=None,
-                   end_user_commitment=None, outcome="outcome_unknown", status=0,
-                   latency_us=0, ttfb_us=None, prompt_tokens=0, completion_tokens=0,
-                   usage_missing=True, cost_nanos=0,
-                   decision=orjson.dumps(decision).decode())
+        # What happened after forwarding is unknown: no status, usage or cost to report.
+        values.update(request_id=request_id, outcome="outcome_unknown", status=0,
+                      latency_us=0, ttfb_us=None, prompt_tokens=0, completion_tokens=0,
+                      usage_missing=True, cost_nanos=0,
+                      decision=orjson.dumps(decision).decode())
+        try:
+            row = RequestRecord(**values)
+        except (TypeError, ValueError) as exc:  # an intent the database was made to hold
+            log.error("ledger: intent %s cannot become a row (%s)", request_id[:40], exc)
+            row = RequestRecord(**{**_UNREADABLE_INTENT, "request_id": request_id[:40],
+                                   "decision_id": "dec_" + uuid.uuid4().hex[:24],
+                                   "created_at": dt.datetime.now(dt.UTC), "decision": orjson
+                                   .dumps({"unreadable_intent": str(facts)[:2000]}).decode()})
         self._intended.add(request_id)
         self.recovered += 1
         self.submit(row)
