@@ -25,7 +25,6 @@ from sqlalchemy import func, select
 from sqlalchemy.pool import NullPool
 
 from proxy.cli import main
-from proxy.ledger import queries
 from proxy.ledger.chain import pseudonym
 from proxy.ledger.db import make_engine
 from proxy.ledger.tables import dead_letters, intents, ledger
@@ -42,7 +41,8 @@ from tests.conftest import (
 )
 from tests.fake_mistral import UPSTREAM_KEY, FakeMistral
 from tests.made_rows import made_row
-from tests.test_serve import start
+from tests.test_ledger import _verify
+from tests.test_serve import chat_once, start
 
 LEDGER_KEY = "test-ledger-key-durability"
 
@@ -100,10 +100,7 @@ def test_sigkill_under_load_leaves_a_row_for_every_forwarded_request(
         nonlocal answered
         while not killed.is_set():
             try:
-                r = client.post(f"{url}/v1/chat/completions",
-                                json={"model": "magistral-small-2509", "stream": i % 2 == 0,
-                                      "messages": [{"role": "user", "content": f"n{i}"}]})
-                r.read()
+                r = chat_once(client, url, i)
             except httpx.TransportError:
                 return  # killed under it
             with lock:
@@ -274,14 +271,6 @@ def test_erasure_reaches_rows_still_buffered_under_load(
     after = [rows[rid] for when, rid in sent if when > asked + 1.5]
     assert all(r["end_user"] == mark for r in after)
     assert run(_verify(fresh_url))["ok"] is True
-
-
-async def _verify(url: str) -> dict[str, Any]:
-    engine = make_engine(url, poolclass=NullPool)
-    try:
-        return await queries.verify(engine)
-    finally:
-        await engine.dispose()
 
 
 # -- backups ----------------------------------------------------------------------------------

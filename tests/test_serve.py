@@ -44,6 +44,15 @@ def start(env: dict[str, str], log: Path, *args: str) -> tuple[subprocess.Popen[
         time.sleep(0.05)
 
 
+def chat_once(client: httpx.Client, url: str, i: int) -> httpx.Response:
+    """One chat completion, streamed when i is even, read to its end."""
+    r = client.post(f"{url}/v1/chat/completions",
+                    json={"model": "magistral-small-2509", "stream": i % 2 == 0,
+                          "messages": [{"role": "user", "content": f"n{i}"}]})
+    r.read()
+    return r
+
+
 def test_sighup_reloads_policies(db_url: str, tmp_path: Path) -> None:
     policy_dir = copy_policies(tmp_path / "policies")
     env = {**os.environ, "EUROUTE_DATABASE_URL": db_url, "EUROUTE_POLICY_DIR": str(policy_dir),
@@ -83,10 +92,7 @@ def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Pat
     try:
         def one(i: int) -> str | None:
             try:
-                r = client.post(f"{url}/v1/chat/completions",
-                                json={"model": "magistral-small-2509", "stream": i % 2 == 0,
-                                      "messages": [{"role": "user", "content": f"n{i}"}]})
-                r.read()
+                r = chat_once(client, url, i)
             except httpx.TransportError:
                 return None  # refused once shutdown began: never answered, nothing to record
             answers.release()

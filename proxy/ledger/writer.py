@@ -215,8 +215,8 @@ class Writer:
         """Return once the request's intent is durable, so a crash during forwarding leaves
         evidence. A policy that admits requests it cannot record (`required` false) does not
         wait for a database that is failing; one that rejects them gets 503 instead."""
-        if not self.durable or (self._failing and not required):
-            return
+        if not self.durable or self._closing or (self._failing and not required):
+            return  # closing: the committer may be gone; the row still goes through the buffer
         facts = {k: getattr(row, k) for k in _INTENDED}
         facts["decision"] = decision
         future = asyncio.get_running_loop().create_future()
