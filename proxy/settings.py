@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     anchor_interval_s: float = Field(default=60.0, gt=0)
     # An intent is committed before each request is forwarded (durable across SIGKILL).
     ledger_durable: bool = True
-    ledger_heartbeat_s: float = Field(default=5.0, gt=0)
+    ledger_heartbeat_s: float = Field(default=2.0, gt=0)
     # Recovery takes over the open intents of writers silent for longer than this.
     ledger_grace_s: float = Field(default=30.0, gt=0)
 

@@ -28,6 +28,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column('head_mac', sa.String(length=64), nullable=True))
         batch.add_column(sa.Column('erasure_seen', sa.BigInteger(), server_default='0',
                                    nullable=False))
+        batch.add_column(sa.Column('stopped_at', sa.DateTime(), nullable=True))
     op.create_table('ledger_intents',
     sa.Column('request_id', sa.String(length=40), nullable=False),
     sa.Column('writer_id', sa.String(length=32), nullable=False),
@@ -62,6 +63,7 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_ledger_intents_writer_id'), table_name='ledger_intents')
     op.drop_table('ledger_intents')
     with op.batch_alter_table('ledger_chains') as batch:
+        batch.drop_column('stopped_at')
         batch.drop_column('erasure_seen')
         batch.drop_column('head_mac')
         batch.drop_column('hash_key_id')

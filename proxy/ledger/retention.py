@@ -79,7 +79,7 @@ async def erase(engine: AsyncEngine, key: bytes, subject: str, *, grace_s: float
         silent_since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=grace_s)
         async with engine.connect() as conn:
             behind = list((await conn.execute(select(chains.c.writer_id).where(
-                chains.c.updated_at >= silent_since,
+                chains.c.updated_at >= silent_since, chains.c.stopped_at.is_(None),
                 chains.c.erasure_seen < request))).scalars())
         if not behind or time.monotonic() > deadline:
             break

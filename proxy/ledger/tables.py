@@ -132,6 +132,8 @@ chains = Table(
     Column("head_mac", String(64), nullable=True),
     # The last erasure request this writer applies to every row it writes from then on.
     Column("erasure_seen", BigInteger, nullable=False, server_default="0"),
+    # Set when the writer stopped cleanly (nothing buffered, no intent open): nobody waits for it.
+    Column("stopped_at", UTCDateTime(), nullable=True),
 )
 
 # Written (group commit) before a request is forwarded, deleted in the transaction that writes

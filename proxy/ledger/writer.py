@@ -156,7 +156,7 @@ def _plain(value: Any) -> Any:
 class Writer:
     def __init__(self, engine: AsyncEngine, *, keyring: Keyring = DEV_KEYRING,
                  batch_size: int = 500, gather_s: float = 0.05, buffer_rows: int = 100_000,
-                 max_outage_s: float = 30.0, durable: bool = True, heartbeat_s: float = 5.0,
+                 max_outage_s: float = 30.0, durable: bool = True, heartbeat_s: float = 2.0,
                  grace_s: float = 30.0, anchors: AnchorSink | None = None,
                  anchor_s: float = 60.0) -> None:
         self.engine = engine
@@ -337,7 +337,7 @@ class Writer:
                 next_beat = time.monotonic() + self.heartbeat_s
             if not self._buffer and not self._key_use:
                 if self._closing:
-                    self._publish()
+                    await self._retrying(self._stop)
                     return
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -465,6 +465,12 @@ class Writer:
                 **self._head(0, GENESIS, now)))
         self._opened = True
         await self._beat()
+
+    async def _stop(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(update(chains).where(chains.c.writer_id == self.writer_id)
+                               .values(stopped_at=dt.datetime.now(dt.UTC)))
+        self._publish()
 
     async def _beat(self) -> None:
         """Say this writer is alive, take up new erasure requests, recover what dead writers
