@@ -4,10 +4,13 @@ the database. Keys rotate without breaking what older keys signed."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import secrets
+import shutil
+import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from proxy.ledger.db import make_engine
 from proxy.ledger.tables import chains, ledger, tombstones
 from tests.conftest import (
     Proxy,
+    _pg,
     copy_policies,
     ledger_rows,
     new_database,
@@ -75,16 +79,17 @@ def _requests(server: Proxy, n: int, after_each: Any = None) -> list[str]:
     return ids
 
 
-@pytest.fixture
-def anchored(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-             ) -> Iterator[Anchored]:
-    """Two writers' chains (six rows, then three) under KEY, anchored at start and stop."""
+@pytest.fixture(scope="module")
+def template(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Anchored]:
+    """Two writers' chains (six rows, then three) under KEY, anchored at start and stop; made
+    once, copied for each test (which tampers with its copy)."""
     from tests.conftest import _migrate
 
-    url, drop = new_database("sqlite" if db_url.startswith("sqlite") else "postgresql", tmp_path)
+    tmp = tmp_path_factory.mktemp("anchored")
+    url, drop = new_database("sqlite" if db_url.startswith("sqlite") else "postgresql", tmp)
     run(_migrate(url))
-    anchors = tmp_path / "anchors"
-    settings = proxy_settings(url, copy_policies(tmp_path / "policies"), ledger_key=KEY,
+    anchors = tmp / "anchors"
+    settings = proxy_settings(url, copy_policies(tmp / "policies"), ledger_key=KEY,
                               anchor_dir=anchors)
     snapshot: dict[str, Any] = {}
 
@@ -99,11 +104,34 @@ def anchored(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         _requests(second, 3)
         second_id = second.gateway.writer.writer_id
     assert _anchored(anchors, first_id) == 6 and _anchored(anchors, second_id) == 3
+    yield Anchored(url, anchors, first_id, second_id, ids, snapshot)
+    drop()
+
+
+@pytest.fixture
+def anchored(template: Anchored, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+             ) -> Iterator[Anchored]:
+    """A copy of the template's database and anchors, with the CLI's environment set."""
+    if template.url.startswith("sqlite"):
+        path = tmp_path / "copy.db"
+        with contextlib.closing(sqlite3.connect(template.url.split("///", 1)[1])) as src, \
+                contextlib.closing(sqlite3.connect(path)) as out:
+            src.backup(out)
+        url, drop = f"sqlite+aiosqlite:///{path}", None
+    else:
+        name = f"euroute_test_{secrets.token_hex(6)}"
+        original = template.url.rsplit("/", 1)[1]
+        run(_pg(f'CREATE DATABASE "{name}" TEMPLATE "{original}"'))
+        url = template.url.rsplit("/", 1)[0] + f"/{name}"
+        drop = name
+    anchors = shutil.copytree(template.anchors, tmp_path / "anchors")
     monkeypatch.setenv("EUROUTE_DATABASE_URL", url)
     monkeypatch.setenv("EUROUTE_LEDGER_KEY", KEY)
     monkeypatch.delenv("EUROUTE_LEDGER_KEYS_OLD", raising=False)
-    yield Anchored(url, anchors, first_id, second_id, ids, snapshot)
-    drop()
+    yield Anchored(url, anchors, template.first, template.second, template.ids,
+                   template.head_at_5)
+    if drop:
+        run(_pg(f'DROP DATABASE IF EXISTS "{drop}" WITH (FORCE)'))
 
 
 def _verify(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
