@@ -334,3 +334,41 @@ def test_production_refuses_to_serve_without_a_ledger_key(tmp_path: Path) -> Non
     done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", "0"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "EUROUTE_LEDGER_KEY is not set" in done.stderr
+
+
+# -- recovery takes over only what dead writers left -------------------------------------------
+
+async def _two_writers(url: str) -> tuple[int, list[Any]]:
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        alive = Writer(engine, heartbeat_s=0.05, grace_s=0.5)
+        alive.start()
+        row = made_row("open-intent")
+        await alive.begin(row, {"result": "allow"}, True)
+        other = Writer(engine, heartbeat_s=0.05, grace_s=0.5)
+        other.start()
+        for _ in range(40):  # two seconds of heartbeats: four times the grace
+            await asyncio.sleep(0.05)
+        taken_while_alive = other.recovered
+        for task in alive._tasks.values():  # the process dies: no flush, no heartbeat
+            task.cancel()
+        while other.recovered == 0:
+            await asyncio.sleep(0.05)
+        await other.close()
+        async with engine.connect() as conn:
+            rows = list((await conn.execute(select(ledger).where(
+                ledger.c.request_id == row.request_id))).all())
+            left = (await conn.execute(select(func.count()).select_from(intents))).scalar()
+        assert left == 0
+        return taken_while_alive, rows
+    finally:
+        await engine.dispose()
+
+
+def test_recovery_leaves_a_live_writers_intents_and_takes_a_dead_ones(fresh_url: str) -> None:
+    taken_while_alive, (row,) = run(_two_writers(fresh_url))
+    assert taken_while_alive == 0
+    assert (row.outcome, row.status, row.usage_missing, row.app) == (
+        "outcome_unknown", 0, True, "open-intent")
+    assert row.route == "mistral-eu-magistral-small" and row.policy == "eu-standard"
+    assert '"recovered_by"' in row.decision
