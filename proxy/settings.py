@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     # The writer counts as unhealthy when rows have waited this long without a successful write.
     ledger_max_outage_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+    # Shared rate-limit windows (redis:// or rediss://, Redis or Valkey); unset: per replica.
+    redis_url: SecretStr | None = None
+    # Prefixes every key, so that several deployments can share one Redis.
+    redis_prefix: str = Field(default="euroute:", max_length=200)
+    redis_timeout_s: float = Field(default=0.5, gt=0)
 
     def resolved_policy_dir(self) -> Path:
         if self.policy_dir is not None:
