@@ -30,8 +30,8 @@ from proxy.policy.schema import Budget, Policy, PolicyLimits
 log = logging.getLogger("euroute.limits")
 
 # One round trip per admission: read the key's window, refuse or count the request, and let the
-# window expire on its own a minute after it ends. Returns 0 (admitted), 1 (requests) or
-# 2 (tokens). A limit of -1 is no limit.
+# window expire on its own a minute after it ends. Returns one of the three below; a limit of
+# -1 is no limit.
 _ADMIT = """
 local used = redis.call('HMGET', KEYS[1], 'r', 't')
 local requests, tokens = tonumber(used[1] or '0'), tonumber(used[2] or '0')
@@ -42,6 +42,7 @@ redis.call('HINCRBY', KEYS[1], 'r', 1)
 redis.call('EXPIRE', KEYS[1], 120)
 return 0
 """
+_ADMITTED, _TOO_MANY_REQUESTS, _TOO_MANY_TOKENS = 0, 1, 2
 # After a failed call, skip Redis for this long: a dead Redis must not add a connect timeout to
 # every request.
 _BACKOFF_S = 1.0
@@ -87,27 +88,31 @@ class RateLimiter:
         if limits.tokens_per_minute is not None:
             self._metered.add(key_id)
         if self._redis is None:
-            w = self._window(key_id, now)
-            refused = (1 if limits.requests_per_minute is not None
-                       and w.requests >= limits.requests_per_minute
-                       else 2 if limits.tokens_per_minute is not None
-                       and w.tokens >= limits.tokens_per_minute else 0)
-            if not refused:
-                w.requests += 1
+            refused = self._admit_here(key_id, now, limits)
         else:
-            refused = await self._admit_shared(key_id, now, limits, policy)
+            refused = await self._admit_shared(key_id, now, policy)
         retry = max(1, 60 - int(now % 60))
-        if refused == 1:
+        if refused == _TOO_MANY_REQUESTS:
             raise RateLimited(f"rate limit of {limits.requests_per_minute} requests per minute "
                               "reached for this key", retry_after_s=retry)
-        if refused == 2:
+        if refused == _TOO_MANY_TOKENS:
             raise RateLimited(f"rate limit of {limits.tokens_per_minute} tokens per minute "
                               "reached for this key", retry_after_s=retry,
                               code="tokens_rate_limit_exceeded")
 
-    async def _admit_shared(self, key_id: str, now: float, limits: PolicyLimits,
-                            policy: Policy) -> int:
+    def _admit_here(self, key_id: str, now: float, limits: PolicyLimits) -> int:
+        """What _ADMIT does, in this process's memory."""
+        w = self._window(key_id, now)
+        if limits.requests_per_minute is not None and w.requests >= limits.requests_per_minute:
+            return _TOO_MANY_REQUESTS
+        if limits.tokens_per_minute is not None and w.tokens >= limits.tokens_per_minute:
+            return _TOO_MANY_TOKENS
+        w.requests += 1
+        return _ADMITTED
+
+    async def _admit_shared(self, key_id: str, now: float, policy: Policy) -> int:
         if time.monotonic() >= self._down_until:
+            limits = policy.limits
             try:
                 return int(await self._admit_script(
                     keys=[self._key(key_id, now)],
@@ -123,7 +128,7 @@ class RateLimiter:
             raise Unavailable("the shared rate limits cannot be checked (Redis is unreachable); "
                               "this policy refuses requests it cannot limit",
                               code="rate_limits_unavailable")
-        return 0
+        return _ADMITTED
 
     def _key(self, key_id: str, now: float) -> str:
         return f"{self._prefix}rate:{key_id}:{int(now // 60)}"
