@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import metrics
-from proxy.errors import BudgetExceeded, RateLimited, Unavailable
+from proxy.errors import BudgetExceeded, RateLimited, StoreUnavailable
 from proxy.ledger.tables import ledger
 from proxy.policy.schema import Budget, Policy, PolicyLimits
 
@@ -125,9 +125,9 @@ class RateLimiter:
         refuse = policy.audit.on_write_failure == "reject"
         metrics.rate_store_outage(refused=refuse)
         if refuse:
-            raise Unavailable("the shared rate limits cannot be checked (Redis is unreachable); "
-                              "this policy refuses requests it cannot limit",
-                              code="rate_limits_unavailable")
+            raise StoreUnavailable("the shared rate limits cannot be checked (Redis is unreachable); "
+                                   "this policy refuses requests it cannot limit",
+                                   code="rate_limits_unavailable")
         return _ADMITTED
 
     def _key(self, key_id: str, now: float) -> str:
@@ -250,8 +250,8 @@ class Budgets:
         try:
             spend = await self._current(app, budget)
         except Exception as exc:  # a budget that cannot be read fails closed
-            raise Unavailable(f"the spend of app {app!r} cannot be read, so its budget cannot "
-                              "be enforced") from exc
+            raise StoreUnavailable(f"the spend of app {app!r} cannot be read, so its budget "
+                                   "cannot be enforced", code="budget_unavailable") from exc
         limit = int(budget.amount * 1_000_000_000)
         if spend.db_nanos + spend.local_nanos + worst_case_nanos > limit:
             raise BudgetExceeded(

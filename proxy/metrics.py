@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -34,6 +34,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from proxy.ledger.record import RequestRecord
 
 if TYPE_CHECKING:
     from proxy.endpoints import Gateway
@@ -75,23 +77,22 @@ POLICY = Gauge("euroute_policy_info", "The policy version in force (1) and those
 RELOADS = Counter("euroute_policy_reloads", "Policy reloads, by result", ["result"])
 
 
-def observe(record: Any) -> None:
+def observe(record: RequestRecord) -> None:
     """Everything a finished request adds to the metrics, from its ledger record."""
-    route = record["route"] or "none"
-    endpoint = record["endpoint"]
-    REQUESTS.labels(endpoint, route, record["outcome"], str(record["status"])).inc()
-    LATENCY.labels(endpoint, route).observe(record["latency_us"] / 1e6)
-    if record["ttfb_us"] is not None:
-        TTFB.labels(endpoint, route).observe(record["ttfb_us"] / 1e6)
-    app = record["app"]
-    if record["prompt_tokens"]:
-        TOKENS.labels(app, route, "prompt").inc(record["prompt_tokens"])
-    if record["completion_tokens"]:
-        TOKENS.labels(app, route, "completion").inc(record["completion_tokens"])
-    if record["cost_nanos"]:
-        COST.labels(app, route, record["currency"]).inc(record["cost_nanos"] / 1e9)
-    if record["failed_requirements"] and record["outcome"] == "denied":
-        for requirement in record["failed_requirements"].split(","):
+    route = record.route or "none"
+    endpoint = record.endpoint
+    REQUESTS.labels(endpoint, route, record.outcome, str(record.status)).inc()
+    LATENCY.labels(endpoint, route).observe(record.latency_us / 1e6)
+    if record.ttfb_us is not None:
+        TTFB.labels(endpoint, route).observe(record.ttfb_us / 1e6)
+    if record.prompt_tokens:
+        TOKENS.labels(record.app, route, "prompt").inc(record.prompt_tokens)
+    if record.completion_tokens:
+        TOKENS.labels(record.app, route, "completion").inc(record.completion_tokens)
+    if record.cost_nanos:
+        COST.labels(record.app, route, record.currency).inc(record.cost_nanos / 1e9)
+    if record.outcome == "denied" and record.failed_requirements:
+        for requirement in record.failed_requirements.split(","):
             DENIALS.labels(requirement).inc()
 
 

@@ -161,7 +161,7 @@ def test_unreachable_redis_follows_the_policys_outage_rule(pg_url: str, upstream
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "rate_limits_unavailable"
     assert "Redis is unreachable" in refused.json()["error"]["message"]
-    assert refused_row["status"] == 503
+    assert (refused_row["status"], refused_row["outcome"]) == (503, "unavailable")
     # admit: served without the shared limit
     assert admitted.status_code == 200
     for decision in ("refused", "admitted"):
