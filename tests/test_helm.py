@@ -216,6 +216,7 @@ def test_shipped_values_match_schema(validator, name):
         {"policies": {"restartOnChange": "yes"}},
         {"purge": {"enabled": "daily"}},
         {"purge": {"schedule": "daily"}},
+        {"purge": {"schedule": "0 3 * *"}},
         {"service": {"type": "ExternalName"}},
         {"preStop": {"mode": "signal"}},
         {"logLevel": "LOUD"},

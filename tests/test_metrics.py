@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -125,8 +126,13 @@ def test_two_workers_sum_into_one_exposition(db_url: str, upstream: FakeMistral,
             while len(writers) < 2:
                 assert len(sent) < 400, "one worker served every request"
                 sent += pool.map(one, range(16))
-                rows = run(ledger_rows(db_url, ledger.c.app == "two-workers"))
-                writers = {r["writer_id"] for r in rows}  # each worker writes its own chain
+                # A request's row is written after its metrics: once all rows are in, so are
+                # the metrics. Each worker writes its own chain.
+                deadline = time.monotonic() + 10
+                while len(rows := run(ledger_rows(db_url, ledger.c.app == "two-workers"))) < len(sent):
+                    assert time.monotonic() < deadline, "rows missing from the ledger"
+                    time.sleep(0.02)
+                writers = {r["writer_id"] for r in rows}
         # Every scrape (the kernel picks the worker) sees the requests of both.
         for _ in range(6):
             samples = httpx.get(f"{url}/metrics", headers={"connection": "close"}).text
