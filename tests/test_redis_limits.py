@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from pydantic import ValidationError
 
 from proxy.settings import Settings
 from tests.conftest import Proxy, copy_policies, new_database, proxy_settings, run
@@ -175,6 +176,10 @@ def test_unreachable_redis_follows_the_policys_outage_rule(pg_url: str, upstream
                 - value(before, "euroute_rate_limit_store_outages_total", decision=decision)) == 1
 
 
-def test_redis_url_is_a_secret() -> None:
+def test_redis_url_is_a_secret_with_a_scheme_redis_py_knows() -> None:
     shown = repr(Settings(redis_url="redis://:hunter2@redis:6379/0"))
     assert "hunter2" not in shown
+    with pytest.raises(ValidationError) as refused:
+        Settings(redis_url="http://:hunter2@redis:6379/0")
+    assert "redis_url" in str(refused.value) and "rediss://" in str(refused.value)
+    assert "hunter2" not in str(refused.value)
