@@ -622,3 +622,13 @@ def test_render_rejects_both_policy_sources(chart):
 
 def test_render_rejects_values_outside_the_schema(chart):
     assert "replicas" in render_error(chart, deep_merge(ONLY_DATABASE, {"replicas": 3}))
+
+
+def test_notes_say_whether_rate_limits_are_shared(chart):
+    def notes(values: dict) -> str:
+        return chart.render(values, name=RELEASE, namespace=NAMESPACE)["euroute/templates/NOTES.txt"]
+
+    assert "limits hold per replica" in notes(ONLY_DATABASE)
+    shared = notes(SAMPLE_VALUES)
+    assert "shared by all replicas through Redis" in shared and "per replica" not in shared
+    assert f'CronJob "{RELEASE}-purge"' in shared
