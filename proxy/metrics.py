@@ -35,10 +35,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-from proxy.ledger.record import RequestRecord
-
 if TYPE_CHECKING:
     from proxy.endpoints import Gateway
+    from proxy.ledger.record import RequestRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST.encode()
