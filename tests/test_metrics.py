@@ -76,8 +76,9 @@ def test_a_denial_counts_each_failed_requirement(proxy: Proxy) -> None:
     for requirement in failed:
         assert (value(after, "euroute_denials_total", requirement=requirement)
                 - value(before, "euroute_denials_total", requirement=requirement)) == 1
-    assert (value(after, "euroute_requests_total", outcome="denied", status="403", route="none")
-            - value(before, "euroute_requests_total", outcome="denied", status="403")) == 1
+    denied = {"endpoint": "chat", "route": "none", "outcome": "denied", "status": "403"}
+    assert (value(after, "euroute_requests_total", **denied)
+            - value(before, "euroute_requests_total", **denied)) == 1
 
 
 def test_writer_and_policy_state(proxy: Proxy, app_key: str) -> None:
