@@ -1,12 +1,13 @@
 """Rate limits shared across replicas through the real Redis on 127.0.0.1:6379, each test under
-its own key prefix; what happens when Redis cannot be reached; and per-replica windows without
-it."""
+its own key prefix; what happens when Redis (or a budget's spend) cannot be read; and
+per-replica windows without it."""
 
 from __future__ import annotations
 
 import secrets
 import time
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,13 @@ import httpx
 import pytest
 import redis
 from pydantic import ValidationError
+from sqlalchemy.pool import NullPool
 
+from proxy.endpoints import outcome_of
+from proxy.errors import StoreUnavailable
+from proxy.ledger.db import make_engine
+from proxy.limits import Budgets
+from proxy.policy.schema import Budget
 from proxy.settings import Settings
 from tests.conftest import Proxy, copy_policies, new_database, proxy_settings, run
 from tests.conftest import _migrate as migrate_url
@@ -183,3 +190,16 @@ def test_redis_url_is_a_secret_with_a_scheme_redis_py_knows() -> None:
         Settings(redis_url="http://:hunter2@redis:6379/0")
     assert "redis_url" in str(refused.value) and "rediss://" in str(refused.value)
     assert "hunter2" not in str(refused.value)
+
+
+async def test_an_unreadable_budget_fails_closed_as_unavailable() -> None:
+    """The other store admission reads: the ledger's spend, for a budget."""
+    engine = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/nowhere", poolclass=NullPool)
+    try:
+        with pytest.raises(StoreUnavailable) as refused:
+            await Budgets(engine, cache_s=5).admit(
+                "some-app", Budget(amount=Decimal("10"), currency="USD", period="month"), 1)
+    finally:
+        await engine.dispose()
+    assert (refused.value.status, refused.value.code) == (503, "budget_unavailable")
+    assert outcome_of(refused.value) == "unavailable"
