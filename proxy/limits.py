@@ -138,7 +138,7 @@ class RateLimiter:
             return
         if self._redis is None:
             self._window(key_id, time.time()).tokens += tokens
-        else:
+        elif time.monotonic() >= self._down_until:  # else lost, like the admissions meanwhile
             task = asyncio.create_task(self._count_tokens(self._redis, key_id, tokens))
             self._counting.add(task)
             task.add_done_callback(self._counting.discard)
@@ -149,6 +149,7 @@ class RateLimiter:
             async with redis.pipeline(transaction=False) as pipe:
                 await pipe.hincrby(key, "t", tokens).expire(key, 120).execute()
         except RedisError as exc:
+            self._down_until = time.monotonic() + _BACKOFF_S
             log.warning("tokens of %s not counted, rate limit store unreachable: %s: %s",
                         key_id, type(exc).__name__, exc)
 
