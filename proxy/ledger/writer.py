@@ -31,11 +31,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from sqlalchemy import Date, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Date, bindparam, insert, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from proxy.errors import Unavailable
+from proxy.ledger import intents
 from proxy.ledger.anchors import AnchorSink
 from proxy.ledger.chain import DEV_KEYRING, GENESIS, Keyring, head_mac, record_hash
 from proxy.ledger.record import FIELDS, RequestRecord
@@ -45,7 +46,6 @@ from proxy.ledger.tables import (
     chains,
     dead_letters,
     erasures,
-    intents,
     ledger,
 )
 
@@ -55,21 +55,8 @@ COLUMNS = tuple(str(c.name) for c in _COLS)
 _pick = operator.attrgetter(*COLUMNS)
 _TIMES = [i for i, c in enumerate(_COLS) if isinstance(c.type, UTCDateTime)]
 _DATES = [i for i, c in enumerate(_COLS) if isinstance(c.type, Date)]
-_TIME_FIELDS = [COLUMNS[i] for i in _TIMES]
-_DATE_FIELDS = [COLUMNS[i] for i in _DATES]
 _SQLITE_INSERT = (f"INSERT INTO ledger ({', '.join(COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(COLUMNS))})")
-# Not in an intent: the chain columns come later, and an intent carries no pseudonym (a
-# recovered row does without it rather than keep one outside the erasable columns).
-_INTENDED = tuple(name for name in FIELDS if name not in {
-    "writer_id", "seq", "prev_hash", "row_hash", "hash_key_id", "end_user", "end_user_salt",
-    "end_user_commitment", "decision"})
-# An intent whose facts cannot be read still becomes a row: that a request went out is the
-# evidence, and verify then shows who claims what.
-_UNREADABLE_INTENT: dict[str, Any] = {
-    "app": "unknown", "key_id": None, "endpoint": "unknown", "policy": "unknown",
-    "policy_version": "unknown", "retain_until": dt.date.max,
-    "outcome": "outcome_unknown", "status": 0, "usage_missing": True}
 
 
 def _records(batch: list[RequestRecord], sqlite: bool) -> list[tuple[Any, ...]]:
@@ -102,38 +89,6 @@ async def _insert(conn: AsyncConnection, batch: list[RequestRecord]) -> None:
             "ledger", columns=COLUMNS, records=_records(batch, sqlite=False))
     else:
         await conn.execute(insert(ledger), [row.as_dict() for row in batch])
-
-
-async def _insert_intents(conn: AsyncConnection, group: list[dict[str, Any]]) -> None:
-    """Like `_insert`, by the driver directly: this runs before each request is forwarded."""
-    if conn.dialect.name == "sqlite":
-        await conn.exec_driver_sql(
-            "INSERT INTO ledger_intents (request_id, writer_id, created_at, facts) "
-            "VALUES (?, ?, ?, ?)",
-            [(g["request_id"], g["writer_id"], g["created_at"].astimezone(dt.UTC)
-              .replace(tzinfo=None).isoformat(" ", "microseconds"), g["facts"]) for g in group])
-    elif conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg":
-        raw = await conn.get_raw_connection()
-        await raw.driver_connection.executemany(  # type: ignore[union-attr]
-            "INSERT INTO ledger_intents (request_id, writer_id, created_at, facts) "
-            "VALUES ($1, $2, $3, $4)",
-            [(g["request_id"], g["writer_id"],
-              g["created_at"].astimezone(dt.UTC).replace(tzinfo=None), g["facts"])
-             for g in group])
-    else:
-        await conn.execute(insert(intents), group)
-
-
-async def _delete_intents(conn: AsyncConnection, request_ids: list[str]) -> None:
-    if conn.dialect.name == "sqlite":
-        await conn.exec_driver_sql("DELETE FROM ledger_intents WHERE request_id = ?",
-                                   [(r,) for r in request_ids])
-    elif conn.dialect.name == "postgresql" and conn.dialect.driver == "asyncpg":
-        raw = await conn.get_raw_connection()
-        await raw.driver_connection.execute(  # type: ignore[union-attr]
-            "DELETE FROM ledger_intents WHERE request_id = ANY($1::varchar[])", request_ids)
-    else:
-        await conn.execute(delete(intents).where(intents.c.request_id.in_(request_ids)))
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -180,7 +135,6 @@ class Writer:
         self.dead_letters = 0
         self.restarts = 0
         self.recovered = 0
-        self.intents_committed = 0
         self.intent_commits = 0
         self.backlog_rows = 4 * batch_size  # more waiting than this, and new requests wait
         self.waits = 0
@@ -217,12 +171,8 @@ class Writer:
         wait for a database that is failing; one that rejects them gets 503 instead."""
         if not self.durable or self._closing or (self._failing and not required):
             return  # closing: the committer may be gone; the row still goes through the buffer
-        facts = {k: getattr(row, k) for k in _INTENDED}
-        facts["decision"] = decision
         future = asyncio.get_running_loop().create_future()
-        self._intents.append(({"request_id": row.request_id, "writer_id": self.writer_id,
-                               "created_at": row.created_at,
-                               "facts": orjson.dumps(facts).decode()}, future))
+        self._intents.append((intents.values(row, decision, self.writer_id), future))
         self._intent_wake.set()
         try:
             await future
@@ -310,7 +260,7 @@ class Writer:
             group, self._intents = self._intents, []
             try:
                 async with self.engine.begin() as conn:
-                    await _insert_intents(conn, [values for values, _ in group])
+                    await intents.insert(conn, [values for values, _ in group])
             except Exception as exc:
                 log.warning("ledger: %d intents not committed (%s)", len(group),
                             type(exc).__name__)
@@ -319,7 +269,6 @@ class Writer:
                         future.set_exception(exc)
                 continue
             self.intent_commits += 1
-            self.intents_committed += len(group)
             for values, future in group:
                 self._intended.add(values["request_id"])
                 if not future.done():
@@ -427,7 +376,7 @@ class Writer:
                                    .values(**self._head(rows[-1].seq or 0,
                                                         rows[-1].row_hash or GENESIS, now)))
                 if done:
-                    await _delete_intents(conn, done)
+                    await intents.delete(conn, done)
                 if used:
                     await conn.execute(
                         update(api_keys).where(api_keys.c.id == bindparam("kid"))
@@ -449,7 +398,7 @@ class Writer:
                 request_id=request_id.replace("\x00", "")[:40], writer_id=self.writer_id,
                 failed_at=dt.datetime.now(dt.UTC), error=error, record=record.decode()))
             if request_id in self._intended:
-                await conn.execute(delete(intents).where(intents.c.request_id == request_id))
+                await intents.delete(conn, [request_id])
         self.dead_letters += 1
         log.error("ledger: request %s refused by the database, kept in ledger_dead_letters: %s",
                   request_id[:40], error)
@@ -490,60 +439,10 @@ class Writer:
             self._publish()
 
     async def _recover(self, conn: AsyncConnection, silent_since: dt.datetime) -> None:
-        """Take over the intents of writers not seen since `silent_since` (or of a process
-        that died before its chain head was written) and book them `outcome_unknown`.
-
-        Claiming is one UPDATE ... RETURNING, so two replicas never take the same intent: on
-        PostgreSQL the second waits for the first's row locks, then finds them claimed."""
-        dead = select(chains.c.writer_id).where(chains.c.updated_at < silent_since)
-        claimed = (await conn.execute(
-            update(intents).where(
-                intents.c.writer_id != self.writer_id,
-                or_(intents.c.writer_id.in_(dead),
-                    (intents.c.writer_id.not_in(select(chains.c.writer_id))
-                     & (intents.c.created_at < silent_since))))
-            .values(writer_id=self.writer_id)
-            .returning(intents.c.request_id, intents.c.facts))).all()
-        if not claimed:
-            return
-        # A request whose row did get written (its intent survived a cancelled begin()).
-        ids = [rid for rid, _ in claimed]
-        written = set((await conn.execute(select(ledger.c.request_id)
-                                          .where(ledger.c.request_id.in_(ids)))).scalars())
-        if written:
-            await conn.execute(delete(intents).where(intents.c.request_id.in_(written)))
-        for request_id, facts in claimed:
-            if request_id not in written:
-                self._recovered_row(request_id, orjson.loads(facts))
-        log.warning("ledger: recovered %d requests a stopped writer left open",
-                    len(claimed) - len(written))
-
-    def _recovered_row(self, request_id: str, facts: dict[str, Any]) -> None:
-        values = {name: facts.get(name) for name in _INTENDED}
-        for name in _TIME_FIELDS:
-            if values[name] is not None:
-                values[name] = dt.datetime.fromisoformat(values[name])
-        for name in _DATE_FIELDS:
-            if values[name] is not None:
-                values[name] = dt.date.fromisoformat(values[name])
-        decision = facts.get("decision") or {}
-        decision["recovered_by"] = self.writer_id
-        # What happened after forwarding is unknown: no status, usage or cost to report.
-        values.update(request_id=request_id, outcome="outcome_unknown", status=0,
-                      latency_us=0, ttfb_us=None, prompt_tokens=0, completion_tokens=0,
-                      usage_missing=True, cost_nanos=0,
-                      decision=orjson.dumps(decision).decode())
-        try:
-            row = RequestRecord(**values)
-        except (TypeError, ValueError) as exc:  # an intent the database was made to hold
-            log.error("ledger: intent %s cannot become a row (%s)", request_id[:40], exc)
-            row = RequestRecord(**{**_UNREADABLE_INTENT, "request_id": request_id[:40],
-                                   "decision_id": "dec_" + uuid.uuid4().hex[:24],
-                                   "created_at": dt.datetime.now(dt.UTC), "decision": orjson
-                                   .dumps({"unreadable_intent": str(facts)[:2000]}).decode()})
-        self._intended.add(request_id)
-        self.recovered += 1
-        self.submit(row)
+        for row in await intents.claim(conn, self.writer_id, silent_since):
+            self._intended.add(row.request_id)
+            self.recovered += 1
+            self.submit(row)
 
     def _publish(self) -> None:
         self._next_anchor = time.monotonic() + self.anchor_s
