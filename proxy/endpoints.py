@@ -236,7 +236,7 @@ class Gateway:
             options = request.get("stream_options")
             relay = dialect.StreamRelay(
                 isinstance(options, dict) and options.get("include_usage") is True, scrub)
-            failure = await relay_stream(send, events, relay, answered)
+            failure = await relay_stream(send, answer, relay, answered)
             watch.disarm()
             if failure is not None:
                 row["outcome"], row["status"] = outcome_of(failure), failure.status

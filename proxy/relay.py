@@ -12,7 +12,7 @@ import orjson
 from proxy import dialect
 from proxy.asgi import SSE, Send, send_json
 from proxy.errors import EurouteError, UpstreamUnavailable
-from proxy.upstream import Answer, Events
+from proxy.upstream import Answer
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -25,21 +25,36 @@ async def relay_json(send: Send, answer: Answer, base64: bool, headers: Headers,
     await send_json(send, 200, scrub(raw), headers)
 
 
-async def relay_stream(send: Send, events: Events, relay: dialect.StreamRelay,
+async def relay_stream(send: Send, answer: Answer, relay: dialect.StreamRelay,
                        headers: Headers) -> EurouteError | None:
-    """Relays every event; returns what cut the stream short, or None when it ended well."""
+    """Relays every event; returns what cut the stream short, or None when it ended well.
+
+    Raises before the first byte is sent when the first events are unusable already.
+    """
+    if answer.events is None:
+        raise TypeError("relay_stream needs a streamed answer")
+    events = answer.events
+    try:
+        first = relay.relay(answer.first)
+    except EurouteError:
+        await events.aclose()
+        raise
     await send({"type": "http.response.start", "status": 200,
                 "headers": [SSE, (b"cache-control", b"no-cache"), *headers]})
     failure: EurouteError | None = None
     try:
-        async for batch in events:
-            out = relay.relay(batch)
-            if out:
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-            if relay.done:
-                break
-        else:
-            failure = UpstreamUnavailable("upstream stream ended before [DONE]", code="stream_cut")
+        if first:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+        if not relay.done:
+            async for batch in events:
+                out = relay.relay(batch)
+                if out:
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if relay.done:
+                    break
+            else:
+                failure = UpstreamUnavailable("upstream stream ended before [DONE]",
+                                              code="stream_cut")
     except EurouteError as exc:
         failure = exc
     finally:

@@ -70,7 +70,8 @@ class Answer:
     body: bytes | None = None
     json: dict[str, Any] | None = None
     usage: tuple[int, int] | None = None
-    events: Events | None = None
+    events: Events | None = None  # the rest of the stream, after `first`
+    first: list[sse.Event] = dataclasses.field(default_factory=list)
     error: EurouteError | None = None
     ttfb: float | None = None  # perf_counter() when the answer's headers arrived
 
@@ -154,8 +155,16 @@ class Upstream:
             if status >= 400:
                 raise upstream_error(status, await read_body(response, limits, deadline))
             if stream:
-                answer.events = Events(response, limits, deadline)
+                events = Events(response, limits, deadline)
                 response = None  # the events own it now
+                try:
+                    # The first events too arrive before any byte reaches the client: a stream
+                    # that breaks before them still falls over, or fails cleanly.
+                    answer.first = await anext(events, [])
+                except BaseException:
+                    await events.aclose()
+                    raise
+                answer.events = events
                 return
             answer.body = await read_body(response, limits, deadline)
             answer.json = json_object(answer.body)
