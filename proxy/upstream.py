@@ -15,6 +15,7 @@ Failures, translated once here:
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import functools
 import time
@@ -182,7 +183,7 @@ class Upstream:
 
     def _new_transport(self, proxy: str | None) -> httpx.AsyncBaseTransport:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-        via = httpx.Proxy(proxy) if proxy else None
+        via = _proxy(proxy) if proxy else None
         if self.kind == "httpx":
             return httpx.AsyncHTTPTransport(verify=self.tls, limits=limits, retries=0,
                                             trust_env=False, proxy=via)
@@ -300,6 +301,18 @@ def _origin_proxy(scheme: str, host: str, proxies: tuple[tuple[str, str], ...]) 
     return found.get(scheme) or found.get("all")
 
 
+def _proxy(url: str) -> httpx.Proxy:
+    """Credentials in the proxy URL become a Proxy-Authorization header, one way for both
+    transports (httpx-aiohttp would pass them through aiohttp's deprecated BasicAuth)."""
+    parsed = httpx.URL(url)
+    headers = {}
+    if parsed.username or parsed.password:
+        token = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
+        headers["proxy-authorization"] = f"Basic {token}"
+        parsed = parsed.copy_with(username=None, password=None)
+    return httpx.Proxy(parsed, headers=headers)
+
+
 def _proxy_for(url: str, proxies: dict[str, str]) -> str | None:
     """HTTPS_PROXY / HTTP_PROXY / ALL_PROXY unless NO_PROXY lists the host (any case)."""
     if not proxies:
@@ -315,7 +328,9 @@ def translate(exc: Exception) -> EurouteError:
     if isinstance(cause, TimeoutError) or (
             isinstance(exc, httpx.TimeoutException) and not isinstance(cause, aiohttp.ClientError)):
         return UpstreamTimeout(f"upstream timed out ({type(cause).__name__})")
-    if isinstance(cause, aiohttp.ClientConnectorError | httpx.ConnectError):
+    if isinstance(exc, httpx.ProxyError) or isinstance(
+            cause, aiohttp.ClientConnectorError | aiohttp.ClientHttpProxyError | httpx.ConnectError):
+        # nothing reached the upstream
         return UpstreamUnavailable(f"upstream unreachable ({type(cause).__name__})")
     return broken(f"upstream connection failed ({type(cause).__name__})")
 

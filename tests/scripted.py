@@ -8,6 +8,7 @@ chat completion (JSON or SSE, as the request asks).
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -76,7 +77,8 @@ async def normal(request: Request, writer: asyncio.StreamWriter) -> bool:
 
 
 class ScriptedUpstream:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        self.tls = tls
         self.script: Script | None = None
         self.requests: list[Request] = []
         self.closed = threading.Event()  # set whenever a connection ends
@@ -87,8 +89,10 @@ class ScriptedUpstream:
     def __enter__(self) -> ScriptedUpstream:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result()
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/v1"
+            asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls), self.loop).result()
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.url = (f"https://localhost:{self.port}/v1" if self.tls
+                    else f"http://127.0.0.1:{self.port}/v1")
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -45,15 +45,18 @@ def scripted() -> Iterator[ScriptedUpstream]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def hostile(scripted: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[Proxy]:
+@pytest.fixture(scope="module", params=["aiohttp", "httpx"])
+def hostile(scripted: ScriptedUpstream, tmp_path_factory: pytest.TempPathFactory,
+            request: pytest.FixtureRequest) -> Iterator[Proxy]:
+    """euroute on the default transport, then on httpx's own: both must hold."""
     tmp = tmp_path_factory.mktemp("hostile")
     url, drop = new_database("sqlite", tmp)
     saved = os.environ["MISTRAL_BASE_URL"]
     os.environ["MISTRAL_BASE_URL"] = scripted.url
     try:
-        with Proxy(proxy_settings(url, copy_policies(tmp / "policies"))) as server:
+        settings = proxy_settings(url, copy_policies(tmp / "policies"),
+                                  upstream_transport=request.param)
+        with Proxy(settings) as server:
             yield server
     finally:
         os.environ["MISTRAL_BASE_URL"] = saved
