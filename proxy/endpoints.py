@@ -28,13 +28,17 @@ from proxy.errors import (
     ModelNotFound,
     PayloadTooLarge,
     PolicyViolation,
+    RateLimited,
     Unauthorized,
     Unavailable,
     UpstreamError,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from proxy.keys import Key, KeyCache
 from proxy.ledger.chain import commitment, pseudonym
+from proxy.ledger.record import OUTCOMES as RECORD_OUTCOMES
+from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
 from proxy.policy.decide import Check, parse_narrowing, request_checks
@@ -49,31 +53,37 @@ log = logging.getLogger("euroute")
 OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
-    Unavailable: "ledger_unavailable",
+    Unavailable: "ledger_unavailable", UpstreamTimeout: "upstream_timeout",
 }
 
 
 def outcome_of(exc: EurouteError) -> str:
+    """The ledger outcome of a failure: always one of record.OUTCOMES, never a code an
+    upstream chose."""
     found = OUTCOMES.get(type(exc))
     if found:
         return found
-    if exc.status == 429:
-        return exc.code or "rate_limited"
-    return exc.code if exc.type == "upstream_error" and exc.code else "upstream_error"
+    if isinstance(exc, RateLimited):  # euroute's own limits; their codes are ours
+        return exc.code if exc.code in RECORD_OUTCOMES else "rate_limit_exceeded"
+    if isinstance(exc, UpstreamError) and exc.status == 429:
+        return "upstream_rate_limited"
+    if isinstance(exc, UpstreamUnavailable) and exc.code == "stream_cut":
+        return "stream_cut"  # euroute's own code (upstream.Events), not an upstream's
+    return "upstream_error"
 
 
-def route_facts(row: dict[str, Any], route: Route, policies: PolicySet) -> None:
+def route_facts(row: RequestRecord, route: Route, policies: PolicySet) -> None:
     """What the ledger must say about where this request's data went."""
     p = route.posture
     standing = policies.standings[route.id]
     days = standing.retention_days
-    row.update(route=route.id, provider=route.provider, upstream_model=route.upstream_model,
-               inference_location=p.inference_location, storage_location=p.storage_location,
-               transfer_mechanism=p.transfer_mechanism, zdr_reference=standing.zdr_reference,
-               dpa_reference=standing.dpa_reference, currency=route.pricing.currency,
-               provider_retention_days=days,
-               provider_copy_gone_on=None if days is None
-               else row["created_at"].date() + dt.timedelta(days=days))
+    row.set(route=route.id, provider=route.provider, upstream_model=route.upstream_model,
+            inference_location=p.inference_location, storage_location=p.storage_location,
+            transfer_mechanism=p.transfer_mechanism, zdr_reference=standing.zdr_reference,
+            dpa_reference=standing.dpa_reference, currency=route.pricing.currency,
+            provider_retention_days=days)
+    row.provider_copy_gone_on = (None if days is None
+                                 else row.created_at.date() + dt.timedelta(days=days))
 
 
 def authenticate(keys: KeyCache, headers: dict[bytes, bytes]) -> Key:
@@ -94,7 +104,7 @@ class Exchange:
     routes: list[Route]
     request: dict[str, Any]
     endpoint: str
-    row: dict[str, Any]
+    row: RequestRecord
     decision: dict[str, Any]
     started: float
 
@@ -141,19 +151,10 @@ class Gateway:
         policies = self.policies.current
         decision_id = "dec_" + os.urandom(12).hex()
         reply_headers.append((b"x-euroute-decision-id", decision_id.encode()))
-        row: dict[str, Any] = {
-            "request_id": request_id, "created_at": now, "app": key.app, "key_id": key.id,
-            "end_user": None, "end_user_salt": None, "end_user_commitment": None,
-            "endpoint": endpoint, "model": "", "route": None, "provider": None,
-            "upstream_model": None, "inference_location": None, "storage_location": None,
-            "transfer_mechanism": None, "zdr_reference": None, "dpa_reference": None,
-            "policy": key.policy, "policy_version": policies.version, "enforcement": "enforce",
-            "decision_id": decision_id, "failed_requirements": None, "outcome": "ok",
-            "status": 200, "ttfb_us": None, "prompt_tokens": 0, "completion_tokens": 0,
-            "usage_missing": False, "cost_nanos": 0, "currency": None,
-            "provider_retention_days": None, "provider_copy_gone_on": None,
-            "retain_until": now.date() + dt.timedelta(days=400), "content_stored": False,
-        }
+        row = RequestRecord(
+            request_id=request_id, created_at=now, app=key.app, key_id=key.id,
+            endpoint=endpoint, policy=key.policy, policy_version=policies.version,
+            decision_id=decision_id, retain_until=now.date() + dt.timedelta(days=400))
         decision: dict[str, Any] = {"input": {"app": key.app, "key_id": key.id,
                                               "endpoint": endpoint},
                                     "result": "error", "reasons": []}
@@ -162,18 +163,23 @@ class Gateway:
             policy = policies.policies.get(key.policy)
             if policy is None:
                 raise Forbidden(f"this key's policy {key.policy!r} is not defined any more")
-            row["enforcement"] = policy.enforcement
-            row["retain_until"] = now.date() + dt.timedelta(days=policy.records.retention_days)
+            row.enforcement = policy.enforcement
+            row.retain_until = now.date() + dt.timedelta(days=policy.records.retention_days)
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             request = dialect.parse(body)
             dialect.check_types(request)
-            model = row["model"] = request["model"][:200]
+            model = request["model"]
+            try:
+                row.set(model=model)
+            except ValueError:
+                raise BadRequest("'model' must be at most 200 characters, without NUL",
+                                 param="model", code="invalid_value") from None
             user = headers.get(b"x-euroute-user", b"").decode("latin-1") or request.get("user")
             if isinstance(user, str) and user:
                 pseud = pseudonym(self.pseudonym_key, user)
                 salt = os.urandom(16).hex()
-                row.update(end_user=pseud, end_user_salt=salt,
-                           end_user_commitment=commitment(salt, pseud))
+                row.set(end_user=pseud, end_user_salt=salt,
+                        end_user_commitment=commitment(salt, pseud))
             routes = self._decide(policies, request, endpoint, policy, model, headers, decision,
                                   row)
             if not self.writer.healthy:
@@ -191,20 +197,19 @@ class Gateway:
         except EurouteError as exc:
             if isinstance(exc, UpstreamError):
                 self._scrubber(policies).error(exc)
-            row["outcome"] = outcome_of(exc)
-            row["status"] = exc.status
+            row.finish(outcome_of(exc), exc.status)
             await send_error(send, exc, reply_headers)
         except Exception:
             # A bug, not the caller's fault: still one ledger row, and no traceback to the client.
             log.exception("request %s failed", request_id)
-            row["outcome"], row["status"] = "internal_error", 500
+            row.finish("internal_error", 500)
             with contextlib.suppress(RuntimeError):  # the response may have started already
                 await send_error(send, EurouteError("internal error; see x-request-id"),
                                  reply_headers)
         finally:
-            row["decision"] = orjson.dumps(decision).decode()
-            row["latency_us"] = int((time.perf_counter() - started) * 1e6)
-            self.outcomes[row["outcome"]] += 1
+            row.decision = orjson.dumps(decision).decode()
+            row.latency_us = int((time.perf_counter() - started) * 1e6)
+            self.outcomes[row.outcome] += 1
             self.writer.submit(row)
 
     async def _forward(self, receive: Receive, send: Send, ex: Exchange,
@@ -226,7 +231,7 @@ class Gateway:
                 route_facts(row, route, ex.policies)
             if answer.error is not None or route is None:
                 raise answer.error or UpstreamUnavailable("no route was tried")
-            row["ttfb_us"] = int((answer.ttfb - ex.started) * 1e6) if answer.ttfb else None
+            row.ttfb_us = int((answer.ttfb - ex.started) * 1e6) if answer.ttfb else None
             answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
             if (events := answer.events) is None:
                 watch.disarm()
@@ -239,7 +244,7 @@ class Gateway:
             failure = await relay_stream(send, answer, relay, answered)
             watch.disarm()
             if failure is not None:
-                row["outcome"], row["status"] = outcome_of(failure), failure.status
+                row.finish(outcome_of(failure), failure.status)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return route, relay.usage
         except asyncio.CancelledError:
@@ -247,7 +252,7 @@ class Gateway:
                 raise
             if events is not None:
                 await events.aclose()
-            row["outcome"], row["status"] = "client_cancelled", 499
+            row.finish("client_cancelled", 499)
             return None, None
         finally:
             watch.disarm()
@@ -272,7 +277,7 @@ class Gateway:
 
     def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,
                 policy: Policy, model: str, headers: dict[bytes, bytes], decision: dict[str, Any],
-                row: dict[str, Any]) -> list[Route]:
+                row: RequestRecord) -> list[Route]:
         """Compliant routes for this request, best first; raises the denial otherwise."""
         narrowing_header = headers.get(b"x-euroute-require")
         try:
@@ -303,7 +308,7 @@ class Gateway:
         if routes:
             decision["result"] = "allow"
             return routes
-        row["failed_requirements"] = ",".join(sorted({r["requirement"] for r in reasons}))[:400]
+        row.set(failed_requirements=",".join(sorted({r["requirement"] for r in reasons}))[:400])
         if policy.enforcement == "dryrun":
             # Evaluate and record the would-be denial, then forward as if allowed.
             fallback = [v.route for v in found.verdicts
@@ -315,7 +320,7 @@ class Gateway:
         raise PolicyViolation(
             f"no route for {model} satisfies policy {policy.name}"
             + (f" narrowed by {', '.join(sorted(narrowing))}" if narrowing else ""),
-            decision_id=row["decision_id"], reasons=reasons)
+            decision_id=row.decision_id, reasons=reasons)
 
     def _worst_case(self, route: Route, request: dict[str, Any], body_bytes: int) -> int:
         out_tokens = (request.get("max_completion_tokens") or request.get("max_tokens")
@@ -323,19 +328,19 @@ class Gateway:
         per_in, per_out = route.pricing.nanos_per_token
         return body_bytes // 4 * per_in + out_tokens * per_out
 
-    def _account(self, row: dict[str, Any], route: Route | None, policy: Policy,
+    def _account(self, row: RequestRecord, route: Route | None, policy: Policy,
                  usage: tuple[int, int] | None) -> None:
         if route is None:
             return
         if usage is None:
-            row["usage_missing"] = True
+            row.usage_missing = True
             return
         prompt, completion = usage
         per_in, per_out = route.pricing.nanos_per_token
         cost = prompt * per_in + completion * per_out
-        row.update(prompt_tokens=prompt, completion_tokens=completion, cost_nanos=cost)
-        self.rates.spent_tokens(row["key_id"], prompt + completion)
-        self.budgets.spent(row["app"], policy.limits.budget, cost)
+        row.usage(prompt, completion, cost)
+        self.rates.spent_tokens(row.key_id, prompt + completion)
+        self.budgets.spent(row.app, policy.limits.budget, cost)
 
     # -- the rest of the surface ------------------------------------------------------------
 
