@@ -141,7 +141,7 @@ class Upstream:
                                     "pool": limits.connect_timeout_s,
                                     "read": limits.idle_timeout_s,
                                     "write": limits.idle_timeout_s}})
-        transport = self._transport(call.url)
+        transport = self.transport_for(call.url)
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + limits.first_byte_timeout_s)):
                 response = await transport.handle_async_request(request)
@@ -174,7 +174,8 @@ class Upstream:
             if response is not None:
                 await response.aclose()
 
-    def _transport(self, url: str) -> httpx.AsyncBaseTransport:
+    def transport_for(self, url: str) -> httpx.AsyncBaseTransport:
+        """The pool for this URL: direct, or through the proxy the environment names."""
         proxy = _proxy_for(url, self.proxies)
         transport = self.transports.get(proxy)
         if transport is None:
