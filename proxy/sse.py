@@ -65,22 +65,36 @@ class Parser:
         self._start = 0
         self._buf = buf
         events: list[Event] = []
-        search = _LINE_END.search
-        while (end := search(buf, self._pos)) is not None:
-            line = buf[self._pos:end.start()]
-            self._pos = end.end()
-            if end.group() == b"\r" and self._pos == len(buf):
-                self._skip_lf = True
-            if line:
-                self._field(line)
-                continue
-            raw = buf[self._start:self._pos]
-            if len(raw) > self._max:
-                raise EventTooLarge(f"an upstream event exceeds {self._max} bytes")
-            events.append(self._dispatch(raw))
-            self._start = self._pos
-        if len(buf) - self._start > self._max:
-            raise EventTooLarge(f"an upstream event exceeds {self._max} bytes")
+        pos, start, limit = self._pos, 0, self._max
+        if b"\r" in buf:  # CR or CRLF line ends: the general (slower) path
+            search = _LINE_END.search
+            while (end := search(buf, pos)) is not None:
+                line = buf[pos:end.start()]
+                pos = end.end()
+                if pos == len(buf) and end.group() == b"\r":
+                    self._skip_lf = True
+                if line:
+                    self._field(line)
+                    continue
+                if pos - start > limit:
+                    raise EventTooLarge(f"an upstream event exceeds {limit} bytes")
+                events.append(self._dispatch(buf[start:pos]))
+                start = pos
+        else:  # LF only, as nearly every upstream sends
+            find = buf.find
+            while (nl := find(b"\n", pos)) >= 0:
+                if nl != pos:
+                    self._field(buf[pos:nl])
+                    pos = nl + 1
+                    continue
+                pos += 1
+                if pos - start > limit:
+                    raise EventTooLarge(f"an upstream event exceeds {limit} bytes")
+                events.append(self._dispatch(buf[start:pos]))
+                start = pos
+        self._pos, self._start = pos, start
+        if len(buf) - start > limit:
+            raise EventTooLarge(f"an upstream event exceeds {limit} bytes")
         return events
 
     def close(self) -> Event | None:
@@ -96,6 +110,9 @@ class Parser:
         return self._dispatch(pending + ending + b"\n")
 
     def _field(self, line: bytes) -> None:
+        if line.startswith(b"data: "):  # the common case first
+            self._data.append(line[6:])
+            return
         if line[0] == 0x3A:  # ":" starts a comment
             return
         name, colon, value = line.partition(b":")
