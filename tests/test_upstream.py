@@ -11,7 +11,7 @@ import orjson
 import pytest
 import trustme
 
-from proxy.policy.schema import Route
+from proxy.policy.schema import Route, RouteUpstream
 from proxy.settings import Settings
 from proxy.upstream import Answer, Call, Upstream
 from tests.forward_proxy import ForwardProxy
@@ -137,3 +137,16 @@ async def test_untrusted_certificate_is_refused(
     answer = await chat(upstream, tls_upstream.url)
     assert answer.error is not None and answer.error.status == 502
     assert tls_upstream.requests == []
+
+
+def test_route_overrides_the_upstream_limits_it_names() -> None:
+    upstream = Upstream(Settings(upstream_idle_timeout_s=7))
+    tuned = ROUTE.model_copy(update={"upstream": RouteUpstream(first_byte_timeout_s=300,
+                                                                max_json_bytes=1024)})
+    limits = upstream.limits(tuned)
+    assert (limits.first_byte_timeout_s, limits.max_json_bytes) == (300, 1024)
+    assert limits.idle_timeout_s == 7 and upstream.limits(ROUTE) == upstream.defaults
+    with pytest.raises(ValueError, match="frobnicate"):
+        RouteUpstream.model_validate({"frobnicate": 1})
+    with pytest.raises(ValueError):
+        RouteUpstream.model_validate({"idle_timeout_s": 0})
