@@ -68,6 +68,7 @@ class Answer:
     route: Route | None
     attempts: list[Attempt]
     status: int = 0
+    headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
     body: bytes | None = None
     json: dict[str, Any] | None = None
     usage: tuple[int, int] | None = None
@@ -152,6 +153,7 @@ class Upstream:
         answer.ttfb = time.perf_counter()
         try:
             answer.status = status = response.status_code
+            answer.headers = response.headers.raw
             _check_head(response, limits)
             if status >= 400:
                 raise upstream_error(status, await read_body(response, limits, deadline))

@@ -8,36 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import threading
 from urllib.parse import urlsplit
 
+from tests.scripted import LoopbackServer
 
-class ForwardProxy:
+
+class ForwardProxy(LoopbackServer):
     def __init__(self, credentials: tuple[str, str] | None = None) -> None:
+        super().__init__()
         self.expected = None if credentials is None else "Basic " + base64.b64encode(
             ":".join(credentials).encode()).decode()
         self.seen: list[tuple[str, str, dict[str, str]]] = []
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
     def __enter__(self) -> ForwardProxy:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0), self.loop).result()
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.start()
         return self
 
     def url(self, credentials: str = "") -> str:
         return f"http://{credentials + '@' if credentials else ''}127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc: object) -> None:
-        async def stop() -> None:
-            self._server.close()
-            await self._server.wait_closed()
-        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -76,24 +76,24 @@ async def normal(request: Request, writer: asyncio.StreamWriter) -> bool:
     return True
 
 
-class ScriptedUpstream:
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
-        self.tls = tls
-        self.script: Script | None = None
-        self.requests: list[Request] = []
-        self.closed = threading.Event()  # set whenever a connection ends
-        self._connections = 0
+class LoopbackServer:
+    """A raw asyncio server on a loopback port, its loop in a thread of its own."""
+
+    tls: ssl.SSLContext | None = None
+
+    def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
-    def __enter__(self) -> ScriptedUpstream:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def start(self) -> int:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls), self.loop).result()
-        self.port = self._server.sockets[0].getsockname()[1]
-        self.url = (f"https://localhost:{self.port}/v1" if self.tls
-                    else f"http://127.0.0.1:{self.port}/v1")
-        return self
+        self.port: int = self._server.sockets[0].getsockname()[1]
+        return self.port
 
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
@@ -103,6 +103,21 @@ class ScriptedUpstream:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+class ScriptedUpstream(LoopbackServer):
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__()
+        self.tls = tls
+        self.script: Script | None = None
+        self.requests: list[Request] = []
+        self.closed = threading.Event()  # set whenever a connection ends
+        self._connections = 0
+
+    def __enter__(self) -> ScriptedUpstream:
+        port = self.start()
+        self.url = f"https://localhost:{port}/v1" if self.tls else f"http://127.0.0.1:{port}/v1"
+        return self
 
     def reset(self, script: Script | None = None) -> None:
         self.script = script
