@@ -298,4 +298,4 @@ class StreamRelay:
         c = self.last_chunk
         extra = {"id": c.get("id"), "object": "chat.completion.chunk", "created": c.get("created"),
                  "model": c.get("model"), "choices": [], "usage": c["usage"]}
-        return b"data: " + orjson.dumps(extra) + b"\n\n"
+        return self.scrub(b"data: " + orjson.dumps(extra) + b"\n\n")
