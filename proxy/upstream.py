@@ -27,10 +27,11 @@ from typing import Any
 import aiohttp
 import httpx
 import orjson
+from httpx_aiohttp import AiohttpTransport
 
 from proxy import dialect, sse
 from proxy.errors import EurouteError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from proxy.policy.schema import Route
+from proxy.policy.schema import Route, RouteUpstream
 from proxy.settings import Settings
 
 
@@ -107,10 +108,7 @@ class Upstream:
         self.transports: dict[str | None, httpx.AsyncBaseTransport] = {}
 
     def limits(self, route: Route) -> Limits:
-        if route.upstream is None:
-            return self.defaults
-        given = {k: v for k, v in route.upstream.model_dump().items() if v is not None}
-        return dataclasses.replace(self.defaults, **given)
+        return self.defaults if route.upstream is None else _tuned(self.defaults, route.upstream)
 
     async def forward(self, calls: Iterable[Call], stream: bool) -> Answer:
         """The first 2xx answer, its body read (JSON) or its events ready (SSE); else the error."""
@@ -143,6 +141,7 @@ class Upstream:
                                     "read": limits.idle_timeout_s,
                                     "write": limits.idle_timeout_s}})
         transport = self.transport_for(call.url)
+        response: httpx.Response | None
         try:
             async with asyncio.timeout_at(min(deadline, loop.time() + limits.first_byte_timeout_s)):
                 response = await transport.handle_async_request(request)
@@ -190,8 +189,6 @@ class Upstream:
         if self.kind == "httpx":
             return httpx.AsyncHTTPTransport(verify=self.tls, limits=limits, retries=0,
                                             trust_env=False, proxy=via)
-        from httpx_aiohttp import AiohttpTransport
-
         header_bytes = self.defaults.max_header_bytes
 
         def session() -> aiohttp.ClientSession:
@@ -292,6 +289,12 @@ def _check_head(response: httpx.Response, limits: Limits) -> None:
 
 
 @functools.lru_cache(maxsize=256)
+def _tuned(defaults: Limits, overrides: RouteUpstream) -> Limits:
+    given = {k: v for k, v in overrides.model_dump().items() if v is not None}
+    return dataclasses.replace(defaults, **given)
+
+
+@functools.lru_cache(maxsize=256)
 def _url(url: str) -> httpx.URL:
     return httpx.URL(url)
 
@@ -299,7 +302,8 @@ def _url(url: str) -> httpx.URL:
 @functools.lru_cache(maxsize=256)
 def _origin_proxy(scheme: str, host: str, proxies: tuple[tuple[str, str], ...]) -> str | None:
     found = dict(proxies)
-    if urllib.request.proxy_bypass_environment(host, found):
+    # NO_PROXY as urllib (and requests) read it: the snapshot's "no" entry, host or domain
+    if urllib.request.proxy_bypass_environment(host, found):  # type: ignore[attr-defined]
         return None
     return found.get(scheme) or found.get("all")
 
