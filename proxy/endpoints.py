@@ -107,6 +107,7 @@ class Exchange:
     row: RequestRecord
     decision: dict[str, Any]
     started: float
+    trying: Route | None = None  # the route forward() is sending to now
 
 
 class Gateway:
@@ -221,7 +222,7 @@ class Gateway:
         stream = ex.endpoint == "chat" and bool(request.get("stream"))
         scrub = self._scrubber(ex.policies)
         watch = DisconnectWatch(receive)
-        events = None
+        events = relay = route = None
         try:
             answer = await self.upstream.forward(self._calls(ex, stream), stream)
             ex.decision["tried"] = [{"route": a.route, "outcome": a.outcome}
@@ -253,7 +254,13 @@ class Gateway:
             if events is not None:
                 await events.aclose()
             row.finish("client_cancelled", 499)
-            return None, None
+            if route is None and ex.trying is not None:  # gone while a route was being tried
+                route = ex.trying
+                route_facts(row, route, ex.policies)  # the prompt went there all the same
+                ex.decision.setdefault("tried", []).append(
+                    {"route": route.id, "outcome": "client_cancelled"})
+            # the upstream worked for it: its usage when it came, else flagged as missing
+            return route, relay.usage if relay is not None else None
         finally:
             watch.disarm()
 
@@ -262,6 +269,7 @@ class Gateway:
         path = "chat/completions" if ex.endpoint == "chat" else "embeddings"
         build = dialect.chat_request if ex.endpoint == "chat" else dialect.embeddings_request
         for route in ex.routes:
+            ex.trying = route
             headers = {"content-type": "application/json", "accept-encoding": "identity",
                        "accept": "text/event-stream" if stream else "application/json",
                        "user-agent": "euroute"}

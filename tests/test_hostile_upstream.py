@@ -387,6 +387,8 @@ def test_client_gone_while_upstream_stalls_closes_upstream_at_once(
     assert time.monotonic() - started < 3
     row = last_row(hostile)
     assert row["outcome"] == "client_cancelled" and row["status"] == 499
+    # the prompt reached the route: the row says where, and that its cost is unknown
+    assert row["route"] == "mistral-eu-magistral-small" and row["usage_missing"] is True
 
 
 def last_row(proxy: Proxy, timeout: float = 10.0) -> dict[str, Any]:
