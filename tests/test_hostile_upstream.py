@@ -456,6 +456,8 @@ def test_include_usage_chunk_is_its_own_event(up: ScriptedUpstream, hostile: Pro
 
     up.script = script
     r = post(hostile, key, stream=True, stream_options={"include_usage": True})
+    # events that need no change are relayed as they came, CRLF line ends included
+    assert sse_events()[0].replace(b"\n", b"\r\n") in r.content
     datas = [e for e in r.text.replace("\r\n", "\n").split("\n\n") if e.strip()]
     assert datas[-1] == "data: [DONE]"
     usage_chunk = orjson.loads(datas[-2][6:])

@@ -3,7 +3,10 @@ environment (CONNECT for https, absolute form for http), NO_PROXY, credentials k
 
 from __future__ import annotations
 
+import dataclasses
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +153,30 @@ def test_route_overrides_the_upstream_limits_it_names() -> None:
         RouteUpstream.model_validate({"frobnicate": 1})
     with pytest.raises(ValueError):
         RouteUpstream.model_validate({"idle_timeout_s": 0})
+
+
+@TRANSPORTS
+async def test_connect_timeout_is_a_504_and_recorded_as_the_attempt(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ca: trustme.CA, transport: str) -> None:
+    # A listener whose accept queue is full: the kernel drops further SYNs, so connect hangs.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        try:
+            upstream = client(monkeypatch, tmp_path, ca, transport)
+            upstream.defaults = dataclasses.replace(upstream.defaults, connect_timeout_s=0.3)
+            started = time.monotonic()
+            answer = await chat(upstream, f"http://127.0.0.1:{port}/v1")
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert answer.error is not None and answer.error.status == 504
+    assert [a.outcome for a in answer.attempts] == ["upstream_timeout"]
+    assert time.monotonic() - started < 3
