@@ -10,7 +10,7 @@ import asyncio
 import base64
 from urllib.parse import urlsplit
 
-from tests.scripted import LoopbackServer
+from tests.scripted import LoopbackServer, closed
 
 
 class ForwardProxy(LoopbackServer):
@@ -56,8 +56,6 @@ class ForwardProxy(LoopbackServer):
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
-        finally:
-            writer.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -68,4 +66,4 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     except ConnectionError:
         pass
     finally:
-        writer.close()
+        await closed(writer)

@@ -8,6 +8,7 @@ chat completion (JSON or SSE, as the request asks).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import threading
 from collections.abc import Awaitable, Callable
@@ -77,32 +78,56 @@ async def normal(request: Request, writer: asyncio.StreamWriter) -> bool:
 
 
 class LoopbackServer:
-    """A raw asyncio server on a loopback port, its loop in a thread of its own."""
+    """A raw asyncio server on a loopback port, its loop in a thread of its own.
+
+    Stopping it ends every connection still open first, so no socket outlives its loop.
+    """
 
     tls: ssl.SSLContext | None = None
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._handlers.discard(task)
+            await closed(writer)
+
     def start(self) -> int:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls), self.loop).result()
+            asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls), self.loop).result()
         self.port: int = self._server.sockets[0].getsockname()[1]
         return self.port
 
     def __exit__(self, *exc: object) -> None:
         async def stop() -> None:
             self._server.close()
+            for task in list(self._handlers):
+                task.cancel()
+            await asyncio.gather(*self._handlers, return_exceptions=True)
             await self._server.wait_closed()
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+async def closed(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait until its socket is released (a peer may be gone already)."""
+    writer.close()
+    with contextlib.suppress(Exception):
+        await writer.wait_closed()
 
 
 class ScriptedUpstream(LoopbackServer):
@@ -145,5 +170,5 @@ class ScriptedUpstream(LoopbackServer):
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         finally:
-            writer.close()
+            await closed(writer)
             self.closed.set()
