@@ -14,6 +14,9 @@ import orjson
 
 from proxy.errors import BadRequest
 
+# Above any model's output; keeps the number an int64 everywhere it goes (budget, ledger).
+MAX_OUTPUT_TOKENS = 10_000_000
+
 # OpenAI chat field -> Mistral field; the value is checked by the type named.
 _CHAT = {
     "messages": ("messages", list),
@@ -87,6 +90,9 @@ def _rebuild(request: dict[str, Any], fields: dict[str, tuple[str, Any]], upstre
 
 def chat_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
     out = _rebuild(request, _CHAT, upstream_model)
+    limit = output_limit(request)
+    if limit is not None:
+        out["max_tokens"] = limit
     messages = out.get("messages")
     if not messages:
         raise BadRequest("'messages' must be a non-empty array", param="messages",
@@ -116,11 +122,23 @@ def check_types(request: dict[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         value = request.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise BadRequest(f"{name!r} must be a positive integer", param=name,
-                             code="invalid_type")
+                                  or not 1 <= value <= MAX_OUTPUT_TOKENS):
+            raise BadRequest(f"{name!r} must be an integer from 1 to {MAX_OUTPUT_TOKENS}",
+                             param=name, code="invalid_type")
     if not isinstance(request.get("stream", False), bool | None):
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    output_limit(request)
+
+
+def output_limit(request: dict[str, Any]) -> int | None:
+    """The one output-token limit of a request, which the policy check, the budget estimate and
+    the translation all read: `max_completion_tokens` and `max_tokens` are two names for it, so
+    both given and different is refused rather than one of them silently winning."""
+    newer, older = request.get("max_completion_tokens"), request.get("max_tokens")
+    if newer is not None and older is not None and newer != older:
+        raise BadRequest("max_completion_tokens and max_tokens are both given and differ; send "
+                         "one of them", param="max_completion_tokens", code="invalid_value")
+    return newer if newer is not None else older
 
 
 def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:
