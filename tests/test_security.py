@@ -1,0 +1,167 @@
+"""Attacks on the policy over real HTTP (issue 11): each test fails without its fix."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import Proxy, copy_policies, proxy_settings
+from tests.fake_mistral import FakeMistral
+
+MODEL = "magistral-small-2509"
+HELLO = [{"role": "user", "content": "hi"}]
+CAP = 8192  # eu-standard's max_output_tokens, and the seed route's
+
+
+def chat(proxy: Proxy, key: str, headers: list[tuple[str, str]] | None = None,
+         **body: object) -> httpx.Response:
+    # A list of pairs: httpx sends every one of them, repeated names included.
+    return httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                      headers=[("authorization", f"Bearer {key}"), *(headers or [])],
+                      json={"model": MODEL, "messages": HELLO, **body})
+
+
+# -- 1. one output-token limit ------------------------------------------------------------------
+
+def test_two_different_token_limits_are_refused(proxy: Proxy, app_key: str,
+                                                fake: FakeMistral) -> None:
+    r = chat(proxy, app_key, max_completion_tokens=10, max_tokens=500_000)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_completion_tokens"
+    assert "max_tokens" in r.json()["error"]["message"]
+    assert fake.received == []
+    # The same value under both names is one limit, and that is what the upstream gets.
+    assert chat(proxy, app_key, max_completion_tokens=10, max_tokens=10).status_code == 200
+    assert fake.last.json["max_tokens"] == 10
+
+
+def test_no_limit_sent_means_the_policy_cap(proxy: Proxy, app_key: str,
+                                            fake: FakeMistral) -> None:
+    r = chat(proxy, app_key)
+    assert r.status_code == 200
+    assert fake.last.json["max_tokens"] == CAP
+    decision = json.loads(proxy.row(r.headers["x-request-id"])["decision"])
+    assert decision["input"]["max_tokens"] == CAP
+
+
+limits = st.one_of(st.none(), st.integers(1, 3 * CAP), st.integers(1, 2**40))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(newer=limits, older=limits)
+def test_the_upstream_never_gets_more_than_the_policy_admitted(
+        proxy: Proxy, app_key: str, upstream: FakeMistral, newer: int | None,
+        older: int | None) -> None:
+    upstream.reset()
+    r = chat(proxy, app_key, max_completion_tokens=newer, max_tokens=older)
+    if r.status_code != 200:
+        assert r.status_code in (400, 403), r.text
+        assert upstream.received == []
+        return
+    admitted = json.loads(proxy.row(r.headers["x-request-id"])["decision"])["input"]["max_tokens"]
+    sent = upstream.last.json
+    assert "max_completion_tokens" not in sent
+    assert sent["max_tokens"] == admitted <= CAP
+    assert admitted in {v for v in (newer, older) if v is not None} or admitted == CAP
+
+
+# -- 2. repeated headers ------------------------------------------------------------------------
+
+def test_every_copy_of_x_euroute_require_narrows(proxy: Proxy, app_key: str,
+                                                 fake: FakeMistral) -> None:
+    # eu-standard reaches Mistral only; no ZDR contract with Mistral, so zdr must deny.
+    for second in ("eu", "", "no-training"):
+        r = chat(proxy, app_key, headers=[("x-euroute-require", "zdr"),
+                                          ("x-euroute-require", second)])
+        assert r.status_code == 403, (second, r.text)
+        assert "zero_data_retention" in {x["requirement"] for x in r.json()["error"]["reasons"]}
+    assert fake.received == []
+    r = chat(proxy, app_key, headers=[("x-euroute-require", "eu"), ("x-euroute-require", "")])
+    assert r.status_code == 200
+
+
+def test_conflicting_authorization_headers_are_refused(proxy: Proxy, app_key: str,
+                                                       fake: FakeMistral) -> None:
+    other = proxy.key("support-bot", "eu-standard")
+    r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                   headers=[("authorization", f"Bearer {app_key}"),
+                            ("authorization", f"Bearer {other}")],
+                   json={"model": MODEL, "messages": HELLO})
+    assert r.status_code == 401 and "more than once" in r.json()["error"]["message"]
+    assert fake.received == []
+
+
+def test_conflicting_end_user_headers_are_refused(proxy: Proxy, app_key: str,
+                                                  fake: FakeMistral) -> None:
+    r = chat(proxy, app_key, headers=[("x-euroute-user", "alice"), ("x-euroute-user", "bob")])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-euroute-user"
+    assert fake.received == []
+
+
+# -- 3. deny rules match every name of a model --------------------------------------------------
+
+@pytest.fixture
+def denying(db_url: str, upstream: FakeMistral, tmp_path: Path) -> Iterator[Proxy]:
+    policy_dir = copy_policies(tmp_path / "policies")
+    (policy_dir / "no-magistral.policy.yaml").write_text(
+        "name: no-magistral\nmodels:\n  deny: ['magistral-*']\n")
+    with Proxy(proxy_settings(db_url, policy_dir)) as server:
+        yield server
+
+
+def test_a_model_denied_under_one_name_is_denied_under_all(denying: Proxy,
+                                                           fake: FakeMistral) -> None:
+    key = denying.key("shadow-app", "no-magistral")
+    for name in ("magistral-small-2509", "mistral/magistral-small-2509",
+                 "selfhosted/magistral-small-2509"):
+        r = httpx.post(f"{denying.url}/chat/completions", timeout=30,
+                       headers={"authorization": f"Bearer {key}"},
+                       json={"model": name, "messages": HELLO})
+        assert r.status_code == 403, (name, r.text)
+        assert "matches deny rule 'magistral-*'" in r.json()["error"]["reasons"][0]["message"]
+    listed = httpx.get(f"{denying.url}/models", headers={"authorization": f"Bearer {key}"})
+    assert "magistral" not in listed.text
+    assert fake.received == []
+
+
+# -- 4. only app keys call the models -----------------------------------------------------------
+
+@pytest.mark.parametrize("role", ["auditor", "admin"])
+def test_only_app_keys_call_the_models(proxy: Proxy, role: str, fake: FakeMistral) -> None:
+    key = proxy.key("compliance", "eu-standard", role)
+    r = chat(proxy, key)
+    assert r.status_code == 403
+    error = r.json()["error"]
+    assert error["type"] == "permission_error" and "only app keys" in error["message"]
+    assert proxy.row(r.headers["x-request-id"])["outcome"] == "forbidden"
+    r = httpx.post(f"{proxy.url}/embeddings", headers={"authorization": f"Bearer {key}"},
+                   json={"model": "mistral-embed", "input": "x"})
+    assert r.status_code == 403
+    r = httpx.get(f"{proxy.url}/models", headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
+    assert fake.received == []
+
+
+# -- 8. client values bound for the ledger ------------------------------------------------------
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("model", "magistral\x00small"), ("model", "m" * 201), ("user", "alice\x00"),
+    ("user", "u" * 257), ("user", 42),
+])
+def test_client_values_that_the_ledger_cannot_take_are_400(proxy: Proxy, app_key: str,
+                                                           fake: FakeMistral, field: str,
+                                                           value: object) -> None:
+    r = chat(proxy, app_key, **{field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    row = proxy.row(r.headers["x-request-id"])
+    assert row["outcome"] == "invalid_request" and "\x00" not in row["model"]
+    assert fake.received == []
+    # The ledger still takes rows afterwards.
+    ok = chat(proxy, app_key)
+    assert ok.status_code == 200 and proxy.row(ok.headers["x-request-id"])["outcome"] == "ok"
