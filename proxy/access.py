@@ -56,6 +56,9 @@ def allow(*roles: Role) -> Callable[[Handler], Endpoint]:
 
 def query_params(request: Request, allowed: frozenset[str]) -> dict[str, str]:
     params = dict(request.query_params)
+    if len(params) != len(request.query_params.multi_items()):
+        repeated = next(k for k in params if len(request.query_params.getlist(k)) > 1)
+        raise BadRequest(f"query parameter {repeated!r} is given more than once", param=repeated)
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BadRequest(f"unknown query parameter {unknown[0]!r}; this endpoint takes "

@@ -16,6 +16,9 @@ from proxy.errors import BadRequest
 
 # Above any model's output; keeps the number an int64 everywhere it goes (budget, ledger).
 MAX_OUTPUT_TOKENS = 10_000_000
+# JSON nesting a request may have: far more than any message or tool schema needs, well below
+# the 255 levels orjson encodes.
+MAX_DEPTH = 64
 
 # OpenAI chat field -> Mistral field; the value is checked by the type named.
 _CHAT = {
@@ -61,11 +64,28 @@ def parse(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    # Brackets bound the depth from above: most bodies are cleared without a walk.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(data):
+        raise BadRequest(f"request body nests deeper than {MAX_DEPTH} levels",
+                         code="invalid_value")
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter", param="model",
                          code="missing_required_parameter" if model is None else "invalid_type")
     return data
+
+
+def _too_deep(data: dict[str, Any]) -> bool:
+    # Iterative: the point is to refuse what recursion (orjson's encoder stops at 255 levels)
+    # cannot handle.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _rebuild(request: dict[str, Any], fields: dict[str, tuple[str, Any]], upstream_model: str

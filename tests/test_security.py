@@ -165,3 +165,80 @@ def test_client_values_that_the_ledger_cannot_take_are_400(proxy: Proxy, app_key
     # The ledger still takes rows afterwards.
     ok = chat(proxy, app_key)
     assert ok.status_code == 200 and proxy.row(ok.headers["x-request-id"])["outcome"] == "ok"
+
+
+# -- 10. inputs that gave a 500 -----------------------------------------------------------------
+
+def nested(depth: int) -> object:
+    value: object = "deep"
+    for i in range(depth):
+        value = [value] if i % 2 else {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [300, 1024, 5000])
+@pytest.mark.parametrize("where", ["content", "tools"])
+def test_deep_nesting_is_a_400(proxy: Proxy, app_key: str, fake: FakeMistral, depth: int,
+                               where: str) -> None:
+    # Built by hand: the JSON encoders of the test's own libraries stop at such depths too.
+    inner = "[" * depth + "1" + "]" * depth
+    messages = (f'[{{"role": "user", "content": {inner}}}]' if where == "content"
+                else '[{"role": "user", "content": "hi"}]')
+    tools = f', "tools": [{{"type": "function", "function": {inner}}}]' if where == "tools" else ""
+    body = f'{{"model": "{MODEL}", "messages": {messages}{tools}}}'
+    r = httpx.post(f"{proxy.url}/chat/completions", content=body, timeout=30,
+                   headers={"authorization": f"Bearer {app_key}",
+                            "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert fake.received == []
+
+
+def test_nesting_a_real_request_needs_passes(proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
+    schema: dict[str, object] = {"type": "string"}
+    for _ in range(20):
+        schema = {"type": "object", "properties": {"x": schema}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    assert chat(proxy, app_key, tools=tools).status_code == 200
+    assert fake.last.json["tools"] == tools
+
+
+@pytest.fixture(scope="module")
+def auditor(proxy: Proxy) -> str:
+    return proxy.key("compliance", "eu-standard", "auditor")
+
+
+@pytest.mark.parametrize(("path", "param", "value"), [
+    ("usage", "to", "9999-12-31"),
+    ("usage", "from", "0001-01-01T00:00:00+14:00"),
+    ("usage", "from", "２０２６-01-01"),
+    ("transfers", "limit", "²"),
+    ("transfers", "limit", "99999999999999999999999"),
+    ("transfers", "limit", "0"),
+    ("retention", "as_of", "9999-12-31"),
+    ("usage", "app", "\x00"),
+    ("usage", "model", "magistral\x00"),
+    ("decisions", "route", "r" * 101),
+    ("export", "outcome", "ok\x00"),
+    ("contracts", "policy", "\x00"),
+])
+def test_bad_audit_filters_are_400_naming_the_parameter(proxy: Proxy, auditor: str, path: str,
+                                                        param: str, value: str) -> None:
+    r = httpx.get(f"{proxy.url}/audit/{path}", params={param: value}, timeout=30,
+                  headers={"authorization": f"Bearer {auditor}"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("path", ["decisions", "requests"])
+def test_bad_ids_in_the_path_are_400(proxy: Proxy, auditor: str, path: str) -> None:
+    for ident in ("dec_%00", "x" * 41):
+        r = httpx.get(f"{proxy.url}/audit/{path}/{ident}", timeout=30,
+                      headers={"authorization": f"Bearer {auditor}"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "id"
+
+
+def test_repeated_query_parameters_are_refused(proxy: Proxy, app_key: str) -> None:
+    r = httpx.get(f"{proxy.url}/usage", params=[("app", "support-bot"), ("app", "other")],
+                  headers={"authorization": f"Bearer {app_key}"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "app"
