@@ -2,9 +2,11 @@
 
 Separation of duties: whoever manages keys cannot read the ledger, and the other way round.
 
-    auditor   GET /v1/audit/...   every query, every app
+    app       the models (chat, embeddings, models list); nothing else calls them
+    auditor   GET /v1/audit/...   every query, every app, and every key created or revoked
               GET /v1/usage       any app (`app=` to pick one)
-    admin     /v1/admin/keys...   list, create, revoke keys
+    admin     /v1/admin/keys...   list keys; create and revoke app keys (auditor and admin
+                                  keys only with the CLI, which needs the database)
     any key   GET /v1/usage       its own app's usage only
 
 Anything else is 403 permission_error; no key or an unknown one is 401.

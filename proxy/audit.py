@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from proxy import admin, records, report
+from proxy import admin, keys, records, report
 from proxy.access import allow, json_response, query_params
 from proxy.errors import BadRequest, Forbidden, LedgerTampered, NotFound
 from proxy.keys import Key
@@ -196,6 +196,14 @@ async def export(request: Request, key: Key) -> Response:
 
 
 @allow("auditor")
+async def key_events(request: Request, key: Key) -> Response:
+    params = query_params(request, frozenset({"from", "to", "format"}))
+    fmt = _choice(params, "format", ("json", "csv"), "json")
+    window = _window(params)
+    return _rows(await keys.events(_engine(request), window.start, window.end), fmt)
+
+
+@allow("auditor")
 async def verify(request: Request, key: Key) -> Response:
     query_params(request, frozenset())
     result = await queries.verify(_engine(request))
@@ -219,6 +227,7 @@ def routes(app: Starlette) -> list[Route]:
         Route("/v1/audit/contracts", contracts, methods=get),
         Route("/v1/audit/records", processing_records, methods=get),
         Route("/v1/audit/export", export, methods=get),
+        Route("/v1/audit/key-events", key_events, methods=get),
         Route("/v1/audit/verify", verify, methods=get),
         *admin.routes(),
     ]

@@ -55,7 +55,8 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
     async with engine_from(settings) as engine:
-        secret, record = await keys.create(engine, app=args.app, policy=policy, role=args.role)
+        secret, record = await keys.create(engine, app=args.app, policy=policy, role=args.role,
+                                           actor="cli")
     print(secret)
     err(f"created {record.id}: app={record.app} role={record.role} policy={record.policy}"
          " (the key is shown once; only its SHA-256 is stored)")
@@ -70,7 +71,7 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        revoked = await keys.revoke(engine, args.key_id)
+        revoked = await keys.revoke(engine, args.key_id, actor="cli")
     if revoked:
         err(f"revoked {args.key_id}; every replica refuses it within "
              f"{settings.key_refresh_s:g} s")

@@ -174,7 +174,8 @@ class Proxy:
 async def _create_key(url: str, app: str, policy: str, role: str) -> tuple[str, keys.Key]:
     engine = make_engine(url, poolclass=NullPool)
     try:
-        return await keys.create(engine, app=app, policy=policy, role=role)  # type: ignore[arg-type]
+        return await keys.create(engine, app=app, policy=policy, role=role,  # type: ignore[arg-type]
+                                 actor="cli")
     finally:
         await engine.dispose()
 

@@ -289,3 +289,53 @@ def test_csv_neutralises_tab_and_cr_but_not_numbers() -> None:
     rows = [{"a": "\tx", "b": "\r=1", "c": -5, "d": "plain", "e": ""}]
     assert list(csv.reader(io.StringIO("".join(report.csv_lines(rows)), newline=""))) == [
         ["a", "b", "c", "d", "e"], ["'\tx", "'\r=1", "-5", "plain", ""]]
+
+
+# -- 5. separation of duties --------------------------------------------------------------------
+
+def test_admin_over_http_manages_app_keys_only_and_every_change_is_recorded(
+        proxy: Proxy, auditor: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    admin = proxy.key("platform", "eu-standard", "admin")
+    admin_id = proxy.gateway.keys.get(admin).id
+    as_admin = {"authorization": f"Bearer {admin}"}
+    for role in ("auditor", "admin"):
+        r = httpx.post(f"{proxy.url}/admin/keys", headers=as_admin,
+                       json={"app": "compliance", "policy": "eu-standard", "role": role})
+        assert r.status_code == 403 and r.json()["error"]["param"] == "role", r.text
+        assert "CLI" in r.json()["error"]["message"]
+    # An auditor key made with the CLI cannot be revoked over HTTP either.
+    other_auditor = proxy.key("compliance", "eu-standard", "auditor")
+    other_id = proxy.gateway.keys.get(other_auditor).id
+    r = httpx.post(f"{proxy.url}/admin/keys/{other_id}/revoke", headers=as_admin)
+    assert r.status_code == 403, r.text
+    assert httpx.get(f"{proxy.url}/audit/key-events",
+                     headers={"authorization": f"Bearer {other_auditor}"}).status_code == 200
+
+    app = "events-" + secrets.token_hex(4)
+    made = httpx.post(f"{proxy.url}/admin/keys", headers=as_admin,
+                      json={"app": app, "policy": "eu-standard"}).json()
+    assert httpx.post(f"{proxy.url}/admin/keys/{made['id']}/revoke",
+                      headers=as_admin).status_code == 200
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", proxy.settings.database_url)
+    monkeypatch.setenv("EUROUTE_POLICY_DIR", str(proxy.settings.policy_dir))
+    assert main(["keys", "revoke", other_id]) == 0
+
+    events = httpx.get(f"{proxy.url}/audit/key-events", headers={"authorization":
+                                                                 f"Bearer {auditor}"}).json()["data"]
+    seen = {(e["actor"], e["action"], e["key_id"], e["role"], e["app"]) for e in events}
+    assert {(admin_id, "created", made["id"], "app", app),
+            (admin_id, "revoked", made["id"], "app", app),
+            ("cli", "created", other_id, "auditor", "compliance"),
+            ("cli", "revoked", other_id, "auditor", "compliance")} <= seen
+    assert all(e["at"].endswith("+00:00") for e in events)
+    capsys.readouterr()
+    assert main(["audit", "key-events", "--format", "json"]) == 0
+    from_cli = json.loads(capsys.readouterr().out)
+    assert {(e["actor"], e["action"], e["key_id"]) for e in from_cli} >= {
+        (admin_id, "created", made["id"]), ("cli", "revoked", other_id)}
+    # Neither an admin nor an app reads the events; and no secret is in them.
+    for key in (admin, proxy.key(app, "eu-standard")):
+        r = httpx.get(f"{proxy.url}/audit/key-events", headers={"authorization": f"Bearer {key}"})
+        assert r.status_code == 403
+    assert made["key"] not in json.dumps(events)
