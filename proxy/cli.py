@@ -28,7 +28,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from proxy import serving
 
     if policies_or_none(settings) is None:
         return 2
@@ -36,10 +36,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         # Once, here, not in every worker.
         asyncio.run(_migrate(settings))
         os.environ["EUROUTE_MIGRATE_ON_START"] = "false"
-    uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, loop="uvloop", http="httptools",
-                log_level=settings.log_level, access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=30)
+    serving.serve(settings, host=args.host, port=args.port, workers=args.workers)
     return 0
 
 

@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     # The writer counts as unhealthy when rows have waited this long without a successful write.
     ledger_max_outage_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+    # Client-side limits of `euroute serve` (proxy/serving.py, SECURITY.md).
+    max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    # Per worker; lowered at start to what the file-descriptor limit allows.
+    max_connections: int = Field(default=1024, gt=0)
 
     def resolved_policy_dir(self) -> Path:
         if self.policy_dir is not None:
