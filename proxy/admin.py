@@ -36,9 +36,11 @@ async def create_key(request: Request, key: Key) -> Response:
         raise BadRequest(f"unknown field {unknown[0]!r}; send app, policy and role",
                          param=unknown[0])
     policies = request.app.state.gateway.policies.current
-    app, role, policy = body.get("app"), body.get("role", "app"), body.get("policy")
-    if not isinstance(app, str) or not 0 < len(app) <= 100 or not app.isprintable():
-        raise BadRequest("app must be a name of 1 to 100 printable characters", param="app")
+    role, policy = body.get("role", "app"), body.get("policy")
+    try:
+        app = keys.check_app(body.get("app"))
+    except ValueError as exc:
+        raise BadRequest(str(exc), param="app") from None
     if role not in keys.ROLES:
         raise BadRequest(f"role must be one of {', '.join(keys.ROLES)}", param="role")
     if role != "app":

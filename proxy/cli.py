@@ -46,7 +46,7 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     if (policies := policies_or_none(settings)) is None:
         return 2
     try:
-        policy = keys.policy_for(policies, args.app, args.policy)
+        policy = keys.policy_for(policies, keys.check_app(args.app), args.policy)
     except ValueError as exc:
         err(str(exc))
         return 2

@@ -38,6 +38,13 @@ def policy_for(policies: PolicySet, app: str, policy: str | None) -> str:
     return chosen
 
 
+def check_app(app: object) -> str:
+    """An app name as the key table holds it, or ValueError."""
+    if not isinstance(app, str) or not 0 < len(app) <= 100 or not app.isprintable():
+        raise ValueError("app must be a name of 1 to 100 printable characters")
+    return app
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 

@@ -339,3 +339,22 @@ def test_admin_over_http_manages_app_keys_only_and_every_change_is_recorded(
         r = httpx.get(f"{proxy.url}/audit/key-events", headers={"authorization": f"Bearer {key}"})
         assert r.status_code == 403
     assert made["key"] not in json.dumps(events)
+
+
+@pytest.mark.parametrize("app", ["a\x00b", "a" * 101, "tab\there"])
+def test_an_app_name_the_key_table_cannot_hold_is_refused(proxy: Proxy, app: str,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    admin = proxy.key("platform", "eu-standard", "admin")
+    r = httpx.post(f"{proxy.url}/admin/keys", headers={"authorization": f"Bearer {admin}"},
+                   json={"app": app, "policy": "eu-standard"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "app"
+    r = httpx.post(f"{proxy.url}/admin/keys/key_%00/revoke",
+                   headers={"authorization": f"Bearer {admin}"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "id"
+    if "\x00" not in app:  # a command line cannot carry NUL
+        monkeypatch.setenv("EUROUTE_DATABASE_URL", proxy.settings.database_url)
+        monkeypatch.setenv("EUROUTE_POLICY_DIR", str(proxy.settings.policy_dir))
+        assert main(["keys", "create", "--app", app, "--policy", "eu-standard"]) == 2
+        assert "printable" in capsys.readouterr().err
