@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -15,7 +18,7 @@ import pytest
 
 from tests.conftest import Proxy, copy_policies, proxy_settings
 from tests.fake_mistral import FakeMistral
-from tests.test_serve import start
+from tests.test_serve import free_port, start
 
 TIMEOUT_S = 0.5
 HEADER_LIMIT = 8192
@@ -165,3 +168,48 @@ def test_euroute_serve_applies_the_limits(db_url: str, tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_idle_sockets_cannot_lock_clients_out_at_256_descriptors(db_url: str,
+                                                                 tmp_path: Path) -> None:
+    """The issue's attack: 300 idle sockets against a process limited to 256 descriptors."""
+    env = {**os.environ, "EUROUTE_DATABASE_URL": db_url, "EUROUTE_HEADER_TIMEOUT_S": "2",
+           "EUROUTE_POLICY_DIR": str(copy_policies(tmp_path / "policies"))}
+    port = free_port()
+    with (tmp_path / "serve.log").open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--port", str(port)], env=env, stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    url = f"http://127.0.0.1:{port}"
+    idle: list[socket.socket] = []
+    try:
+        wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200)
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        # Full: a newcomer is told so at once instead of waiting on a wedged server...
+        began = time.monotonic()
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code in (200, 503)
+        assert time.monotonic() - began < 5
+        # ...and gets in once the idle sockets have been timed out, though the attacker
+        # still holds them open.
+        wait_for(lambda: httpx.get(f"{url}/healthz", timeout=10).status_code == 200)
+        assert server.poll() is None
+        assert b"Too many open files" not in (tmp_path / "serve.log").read_bytes()
+    finally:
+        for sock in idle:
+            sock.close()
+        server.terminate()
+        server.wait(30)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
