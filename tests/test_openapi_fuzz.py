@@ -90,8 +90,9 @@ def request_for(path: str, method: str) -> st.SearchStrategy[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def role_keys(proxy: Proxy, app_key: str) -> dict[str, str]:
-    return {"app": app_key, "auditor": proxy.key("compliance", "eu-standard", "auditor"),
+    keys = {"app": app_key, "auditor": proxy.key("compliance", "eu-standard", "auditor"),
             "admin": proxy.key("platform", "eu-standard", "admin")}
+    return {**keys, "any": app_key}
 
 
 def test_openapi_json_is_valid_and_names_every_endpoint(proxy: Proxy) -> None:
