@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -46,6 +47,7 @@ from proxy.settings import Settings
 from proxy.upstream import Upstream, forward
 
 log = logging.getLogger("euroute")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
@@ -162,8 +164,7 @@ class Gateway:
             except ValueError:
                 raise BadRequest("'model' must be at most 200 characters, without NUL",
                                  param="model", code="invalid_value") from None
-            user = (single_header(raw_headers, b"x-euroute-user") or b"").decode("latin-1")
-            user = _client_text(user or request.get("user") or "", "user", 256)
+            user = _end_user(single_header(raw_headers, b"x-euroute-user"), request.get("user"))
             if user:
                 pseud = pseudonym(self.pseudonym_key, user)
                 salt = os.urandom(16).hex()
@@ -326,13 +327,17 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
 
-def _client_text(value: Any, param: str, limit: int) -> str:
-    """A client's string: bounded, and without control characters (PostgreSQL refuses NUL)."""
+def _end_user(header: bytes | None, field: Any) -> str:
+    """The end-user id, from the header or else the body's `user`: at most 256 characters and
+    no control characters (PostgreSQL refuses NUL), since its pseudonym goes in the ledger."""
+    param, value = ("x-euroute-user", header.decode("latin-1")) if header else ("user", field)
+    if value is None:
+        return ""
     if not isinstance(value, str):
-        raise BadRequest(f"{param} must be a string", param=param, code="invalid_type")
-    if len(value) > limit or not value.isprintable():
-        raise BadRequest(f"{param} must be at most {limit} printable characters", param=param,
-                         code="invalid_value")
+        raise BadRequest("user must be a string", param=param, code="invalid_type")
+    if len(value) > 256 or _CONTROL.search(value):
+        raise BadRequest(f"{param} must be at most 256 characters without control characters",
+                         param=param, code="invalid_value")
     return value
 
 

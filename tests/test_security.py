@@ -24,7 +24,7 @@ HELLO = [{"role": "user", "content": "hi"}]
 CAP = 8192  # eu-standard's max_output_tokens, and the seed route's
 
 
-def chat(proxy: Proxy, key: str, headers: list[tuple[str, str]] | None = None,
+def chat(proxy: Proxy, key: str, headers: list[tuple[str, str | bytes]] | None = None,
          **body: object) -> httpx.Response:
     # A list of pairs: httpx sends every one of them, repeated names included.
     return httpx.post(f"{proxy.url}/chat/completions", timeout=30,
@@ -157,13 +157,13 @@ def test_only_app_keys_call_the_models(proxy: Proxy, role: str, fake: FakeMistra
 
 @pytest.mark.parametrize(("field", "value"), [
     ("model", "magistral\x00small"), ("model", "m" * 201), ("user", "alice\x00"),
-    ("user", "u" * 257), ("user", 42),
+    ("user", "u" * 257), ("user", 42), ("user", "tab\there"),
 ])
 def test_client_values_that_the_ledger_cannot_take_are_400(proxy: Proxy, app_key: str,
                                                            fake: FakeMistral, field: str,
                                                            value: object) -> None:
     r = chat(proxy, app_key, **{field: value})
-    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
     row = proxy.row(r.headers["x-request-id"])
     assert row["outcome"] == "invalid_request" and "\x00" not in row["model"]
     assert fake.received == []
@@ -358,3 +358,10 @@ def test_an_app_name_the_key_table_cannot_hold_is_refused(proxy: Proxy, app: str
         monkeypatch.setenv("EUROUTE_POLICY_DIR", str(proxy.settings.policy_dir))
         assert main(["keys", "create", "--app", app, "--policy", "eu-standard"]) == 2
         assert "printable" in capsys.readouterr().err
+
+
+def test_a_non_ascii_end_user_header_is_taken(proxy: Proxy, app_key: str,
+                                              fake: FakeMistral) -> None:
+    r = chat(proxy, app_key, headers=[("x-euroute-user", "Jiří Dvořák".encode())])
+    assert r.status_code == 200, r.text
+    assert proxy.row(r.headers["x-request-id"])["end_user"]
