@@ -6,6 +6,7 @@ stream. What reached providers (transfers, copies, contracts) is in `providers.p
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ EXPORT_COLUMNS: Sequence[str] = tuple(
 # What a filter may compare a column with: the column's length, and no control characters
 # (PostgreSQL refuses NUL in text; nothing stored has any).
 FILTER_LENGTHS = {name: ledger.c[name].type.length for name in FILTERS}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def instant(text: str) -> dt.datetime:
@@ -58,8 +60,8 @@ def until(text: str) -> dt.datetime:
 def filter_value(name: str, text: str) -> str:
     """`text` as a filter on column `name`, or ValueError: no value the column cannot hold."""
     limit = FILTER_LENGTHS[name]
-    if len(text) > limit or not text.isprintable():
-        raise ValueError(f"{name} must be at most {limit} printable characters")
+    if len(text) > limit or _CONTROL.search(text):
+        raise ValueError(f"{name} must be at most {limit} characters without control characters")
     return text
 
 
