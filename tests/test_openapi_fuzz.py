@@ -30,7 +30,7 @@ HOSTILE = ["", "\x00", "9999-12-31", "0001-01-01T00:00:00+14:00", "²", "-1", "0
 text = st.one_of(st.sampled_from(HOSTILE), st.sampled_from(HOSTILE), st.sampled_from(KNOWN),
                  st.text(max_size=40))
 json_value = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | text,
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | text,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=4),
     max_leaves=15)
 
@@ -55,7 +55,7 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
         elif kind == "integer":
             near = st.integers(min_value=-(2**70), max_value=2**70)
         elif kind == "number":
-            near = st.floats(allow_nan=False)
+            near = st.floats(allow_nan=False, allow_infinity=False)
         elif kind == "boolean":
             near = st.booleans()
         else:
