@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import audit
+from proxy import audit, openapi
 from proxy.access import error_response
 from proxy.endpoints import Gateway
 from proxy.errors import EurouteError, NotFound
@@ -139,4 +139,5 @@ def create_app(settings: Settings | None = None) -> Euroute:
     app.router.routes.extend(Route(path, _Late(app, name), methods=[method])
                              for (method, path), name in FAST.items())
     app.router.routes.extend(audit.routes(app))
+    app.router.routes.append(Route("/openapi.json", openapi.endpoint, methods=["GET"]))
     return Euroute(app)

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
     # Recovery takes over the open intents of writers silent for longer than this.
     ledger_grace_s: float = Field(default=30.0, gt=0)
 
+    # Client-side limits of `euroute serve` (proxy/serving.py, SECURITY.md).
+    max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    # Per worker; lowered at start to what the file-descriptor limit allows.
+    max_connections: int = Field(default=1024, gt=0)
     # Shared rate-limit windows (redis:// or rediss://, Redis or Valkey); unset: per replica.
     redis_url: SecretStr | None = None
     # Prefixes every key, so that several deployments can share one Redis.

@@ -1,7 +1,7 @@
 """ledger integrity: keyed chains, keyed tombstones, intents, dead letters, erasure requests
 
 Revision ID: 0003_ledger_integrity
-Revises: 0001
+Revises: 0002_key_events
 Create Date: 2026-12-01
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0003_ledger_integrity'
-down_revision = '0001'
+down_revision = '0002_key_events'
 branch_labels = None
 depends_on = None
 
