@@ -132,6 +132,9 @@ Validate the values that the schema cannot express; fail with a clear message.
 {{- $errors = append $errors "database.existingSecret is required: create a Secret holding the PostgreSQL URL (key database.secretKey, default \"database-url\"), e.g. kubectl create secret generic euroute-db --from-literal=database-url='postgresql+asyncpg://user:pass@host:5432/euroute', and set database.existingSecret=euroute-db. The URL is never taken from plain values." }}
 {{- end }}
 {{- $hasFiles := gt (len (default (dict) .Values.policies.files)) 0 }}
+{{- if and (eq .Values.environment "production") (not (include "euroute.ledgerSecretName" .)) }}
+{{- $errors = append $errors "environment=production needs ledger.existingSecret: a Secret holding the ledger key (key ledger.secretKeys.ledgerKey, default \"ledger-key\"), e.g. kubectl create secret generic euroute-keys --from-literal=ledger-key=\"$(openssl rand -hex 32)\" --from-literal=pseudonym-key=\"$(openssl rand -hex 32)\". Without it the ledger chains are signed with the public development key; set environment=development to accept that." }}
+{{- end }}
 {{- if and $hasFiles .Values.policies.existingConfigMap }}
 {{- $errors = append $errors "policies.files and policies.existingConfigMap are mutually exclusive: set only one." }}
 {{- end }}
@@ -160,6 +163,8 @@ Environment shared by the server and the migration Job.
       key: {{ .Values.database.secretKey | quote }}
 - name: EUROUTE_LOG_LEVEL
   value: {{ .Values.logLevel | quote }}
+- name: EUROUTE_ENV
+  value: {{ .Values.environment | quote }}
 - name: EUROUTE_MIGRATE_ON_START
   value: "false"
 - name: PYTHONUNBUFFERED
@@ -224,4 +229,61 @@ Volume and mount for /tmp (the root filesystem is read-only).
 {{- end -}}
 - name: tmp
   emptyDir: {{- toYaml $emptyDir | nindent 4 }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the ledger and pseudonym keys ("" when none); ledger.existingSecret
+is a template, "<fullname>-keys" by default.
+*/}}
+{{- define "euroute.ledgerSecretName" -}}
+{{- tpl (default "" .Values.ledger.existingSecret) . | trim }}
+{{- end }}
+
+{{/*
+The ledger keys from their Secret (server and purge). Optional references: a missing Secret
+or key leaves the variable unset, and euroute says what is missing itself (in production
+`serve` and `purge` exit with "EUROUTE_LEDGER_KEY is not set").
+*/}}
+{{- define "euroute.ledgerEnv" -}}
+{{- $secret := include "euroute.ledgerSecretName" . }}
+{{- if $secret }}
+- name: EUROUTE_LEDGER_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret | quote }}
+      key: {{ .Values.ledger.secretKeys.ledgerKey | quote }}
+      optional: true
+- name: EUROUTE_LEDGER_KEYS_OLD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret | quote }}
+      key: {{ .Values.ledger.secretKeys.ledgerKeysOld | quote }}
+      optional: true
+{{- end }}
+{{- end }}
+
+{{/*
+The pseudonym key from the same Secret (server only: purge does not use it).
+*/}}
+{{- define "euroute.pseudonymEnv" -}}
+{{- $secret := include "euroute.ledgerSecretName" . }}
+{{- if $secret }}
+- name: EUROUTE_PSEUDONYM_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret | quote }}
+      key: {{ .Values.ledger.secretKeys.pseudonymKey | quote }}
+      optional: true
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the anchors claim: the existing one, or the one the chart creates.
+*/}}
+{{- define "euroute.anchorsClaimName" -}}
+{{- if .Values.anchors.persistence.existingClaim }}
+{{- .Values.anchors.persistence.existingClaim }}
+{{- else }}
+{{- printf "%s-anchors" (include "euroute.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
 {{- end }}
