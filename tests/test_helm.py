@@ -73,8 +73,9 @@ def with_values(**overrides: Any) -> dict:
 
 
 def plain_yaml_files() -> list[Path]:
+    """Every YAML file but the templates (values.yaml holds one template string, as a value)."""
     files = sorted(p for p in CHART.rglob("*") if p.suffix in (".yaml", ".yml"))
-    return [p for p in files if "{{" not in p.read_text(encoding="utf-8")]
+    return [p for p in files if "templates" not in p.relative_to(CHART).parts]
 
 
 def test_plain_yaml_files_parse():
@@ -123,7 +124,13 @@ def test_values_defaults():
     assert values["redis"] == {"existingSecret": "", "secretKey": "redis-url", "keyPrefix": "",
                                "port": 6379}
     assert values["mistral"]["secretKey"] == "api-key"
-    assert values["pseudonym"]["secretKey"] == "pseudonym-key"
+    assert values["environment"] == "production"
+    assert values["ledger"] == {
+        "existingSecret": '{{ include "euroute.fullname" . }}-keys',
+        "secretKeys": {"ledgerKey": "ledger-key", "ledgerKeysOld": "ledger-keys-old",
+                       "pseudonymKey": "pseudonym-key"}}
+    assert values["anchors"]["persistence"]["enabled"] is True
+    assert values["anchors"]["persistence"]["accessModes"] == ["ReadWriteMany"]
     assert values["policies"]["files"] == {}
     assert values["policies"]["existingConfigMap"] == ""
     assert values["policies"]["restartOnChange"] is False
@@ -439,9 +446,7 @@ def test_deployment_runs_the_server_without_migrating(docs):
     assert "value" not in env["EUROUTE_DATABASE_URL"]
     assert env["MISTRAL_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "euroute-mistral", "key": "api-key"}
     assert env["EUROUTE_PSEUDONYM_KEY"]["valueFrom"]["secretKeyRef"] == {
-        "name": "euroute-pseudonym",
-        "key": "pseudonym-key",
-    }
+        "name": "euroute-keys", "key": "pseudonym-key", "optional": True}
     assert env["EUROUTE_POLICY_DIR"]["value"] == POLICY_DIR
     assert env["EUROUTE_LOG_LEVEL"]["value"] == "INFO"
     assert "MISTRAL_BASE_URL" not in env
@@ -632,3 +637,189 @@ def test_notes_say_whether_rate_limits_are_shared(chart):
     shared = notes(SAMPLE_VALUES)
     assert "shared by all replicas through Redis" in shared and "per replica" not in shared
     assert f'CronJob "{RELEASE}-purge"' in shared
+
+
+# --------------------------------------------------------------------------
+# Ledger keys, production mode, anchors
+# --------------------------------------------------------------------------
+
+
+KEYS_SECRET = f"{RELEASE}-keys"  # the conventional name: "<fullname>-keys"
+
+
+def purge_container(docs: list[dict]) -> dict:
+    pod = one(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    return container
+
+
+def secret_ref(container: dict, name: str) -> dict:
+    return env_map(container)[name]["valueFrom"]["secretKeyRef"]
+
+
+def test_keys_come_from_the_conventional_secret_with_only_the_database_secret(chart):
+    """Issue 15's "renders with only database.existingSecret" holds in production mode: the
+    keys Secret has a conventional name the operator creates."""
+    docs = render(chart, ONLY_DATABASE)
+    server, purge = server_container(docs), purge_container(docs)
+    for container in (server, purge):
+        assert env_map(container)["EUROUTE_ENV"]["value"] == "production"
+        assert secret_ref(container, "EUROUTE_LEDGER_KEY") == {
+            "name": KEYS_SECRET, "key": "ledger-key", "optional": True}
+        assert secret_ref(container, "EUROUTE_LEDGER_KEYS_OLD") == {
+            "name": KEYS_SECRET, "key": "ledger-keys-old", "optional": True}
+        assert "value" not in env_map(container)["EUROUTE_LEDGER_KEY"]
+    assert secret_ref(server, "EUROUTE_PSEUDONYM_KEY") == {
+        "name": KEYS_SECRET, "key": "pseudonym-key", "optional": True}
+    # Purge neither pseudonymises nor erases; the migration needs no key at all.
+    assert "EUROUTE_PSEUDONYM_KEY" not in env_map(purge)
+    (migrate,) = one(docs, "Job")["spec"]["template"]["spec"]["containers"]
+    assert not {"EUROUTE_LEDGER_KEY", "EUROUTE_LEDGER_KEYS_OLD",
+                "EUROUTE_PSEUDONYM_KEY"} & set(env_map(migrate))
+    # A release named euroute gets the name the README tells operators to create.
+    named = chart.render(ONLY_DATABASE, name="euroute", namespace=NAMESPACE)
+    deployment = yaml.safe_load(named["euroute/templates/deployment.yaml"])
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert secret_ref(container, "EUROUTE_LEDGER_KEY")["name"] == "euroute-keys"
+
+
+def test_an_existing_keys_secret_and_key_names(chart):
+    docs = render(chart, with_values(ledger={"existingSecret": "vault-keys", "secretKeys": {
+        "ledgerKey": "current", "ledgerKeysOld": "retired", "pseudonymKey": "pseud"}}))
+    server, purge = server_container(docs), purge_container(docs)
+    assert secret_ref(server, "EUROUTE_LEDGER_KEY") == {
+        "name": "vault-keys", "key": "current", "optional": True}
+    assert secret_ref(purge, "EUROUTE_LEDGER_KEYS_OLD")["key"] == "retired"
+    assert secret_ref(server, "EUROUTE_PSEUDONYM_KEY")["key"] == "pseud"
+
+
+def test_production_refuses_to_render_without_a_keys_secret(chart):
+    no_secret = deep_merge(ONLY_DATABASE, {"ledger": {"existingSecret": ""}})
+    error = render_error(chart, no_secret)
+    assert "environment=production needs ledger.existingSecret" in error
+    assert "kubectl create secret generic euroute-keys" in error
+    # Development mode renders without one, leaves the keys unset and says why that is unsafe.
+    development = deep_merge(no_secret, {"environment": "development"})
+    docs = render(chart, development)
+    for container in (server_container(docs), purge_container(docs)):
+        env = env_map(container)
+        assert env["EUROUTE_ENV"]["value"] == "development"
+        assert not {"EUROUTE_LEDGER_KEY", "EUROUTE_LEDGER_KEYS_OLD",
+                    "EUROUTE_PSEUDONYM_KEY"} & set(env)
+    notes = chart.render(development, name=RELEASE,
+                         namespace=NAMESPACE)["euroute/templates/NOTES.txt"]
+    assert "WARNING: environment=development" in notes
+    production = chart.render(ONLY_DATABASE, name=RELEASE,
+                              namespace=NAMESPACE)["euroute/templates/NOTES.txt"]
+    assert "WARNING: environment" not in production
+    assert f"create secret generic {KEYS_SECRET}" in production
+
+
+def kubelet_env(container: dict, secrets: dict[str, dict[str, str]], database_url: str,
+                policy_dir: Path) -> dict[str, str]:
+    """The environment the kubelet would give the container: Secret references resolved
+    from `secrets`, an optional reference to a missing Secret or key left out."""
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        ref = var["valueFrom"]["secretKeyRef"]
+        if var["name"] == "EUROUTE_DATABASE_URL":
+            env[var["name"]] = database_url
+        elif ref["key"] in secrets.get(ref["name"], {}):
+            env[var["name"]] = secrets[ref["name"]][ref["key"]]
+        else:
+            assert ref.get("optional") is True, f"{var['name']}: the pod would not start"
+    env["EUROUTE_POLICY_DIR"] = str(policy_dir)
+    return env
+
+
+def run_euroute(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "proxy", *argv], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_pods_without_the_keys_secret_exit_with_euroutes_own_message(chart, tmp_path):
+    """The default install before the keys Secret exists: serve and purge start (the
+    references are optional) and refuse to run, saying what is missing."""
+    docs = render(chart, ONLY_DATABASE)
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    server = kubelet_env(server_container(docs), {}, database_url, ROOT / "policies")
+    served = run_euroute(["serve", "--host", "127.0.0.1", "--port", "0"], server)
+    assert served.returncode == 2, served.stdout + served.stderr
+    assert "EUROUTE_LEDGER_KEY is not set" in served.stderr
+    purge = kubelet_env(purge_container(docs), {}, database_url, ROOT / "policies")
+    purged = run_euroute(["purge"], purge)
+    assert purged.returncode == 2 and "EUROUTE_LEDGER_KEY is not set" in purged.stderr
+    # Once the Secret exists, the same purge pod runs.
+    keys = {KEYS_SECRET: {"ledger-key": "k" * 64}}
+    (migrate,) = one(docs, "Job")["spec"]["template"]["spec"]["containers"]
+    migrated = run_euroute(["migrate"], kubelet_env(migrate, {}, database_url, ROOT / "policies"))
+    assert migrated.returncode == 0, migrated.stderr
+    purged = run_euroute(["purge"], kubelet_env(purge_container(docs), keys, database_url,
+                                                ROOT / "policies"))
+    assert purged.returncode == 0, purged.stderr
+    assert "deleted 0 rows" in purged.stdout
+
+
+def anchors_volume(docs: list[dict]) -> tuple[dict, dict]:
+    """The server's anchors mount and the pod volume behind it, found from EUROUTE_ANCHOR_DIR."""
+    container = server_container(docs)
+    anchor_dir = env_map(container)["EUROUTE_ANCHOR_DIR"]["value"]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == anchor_dir]
+    assert not mount.get("readOnly")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def test_anchors_live_on_a_claim_the_chart_creates_and_keeps(chart):
+    docs = render(chart, ONLY_DATABASE)
+    env = env_map(server_container(docs))
+    assert env["EUROUTE_ANCHOR_DIR"]["value"] == "/var/lib/euroute/anchors"
+    assert env["EUROUTE_ANCHOR_INTERVAL_S"]["value"] == "60"
+    _, volume = anchors_volume(docs)
+    claim = one(docs, "PersistentVolumeClaim")
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["metadata"]["name"] == f"{RELEASE}-anchors"
+    # Every replica writes its own files to the one claim; uninstalling keeps the evidence.
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert "storageClassName" not in claim["spec"]  # the cluster default
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # Purge writes no anchors: it does not mount them.
+    assert "EUROUTE_ANCHOR_DIR" not in env_map(purge_container(docs))
+    assert all(m["name"] != "anchors" for m in purge_container(docs)["volumeMounts"])
+
+
+def test_anchors_on_an_existing_claim_or_an_emptydir(chart):
+    existing = render(chart, with_values(anchors={
+        "mountPath": "/anchors", "persistence": {"existingClaim": "worm-anchors"}}))
+    assert not by_kind(existing, "PersistentVolumeClaim")
+    mount, volume = anchors_volume(existing)
+    assert mount["mountPath"] == "/anchors"
+    assert volume["persistentVolumeClaim"] == {"claimName": "worm-anchors"}
+    sized = one(render(chart, with_values(anchors={"persistence": {
+        "storageClass": "nfs", "accessModes": ["ReadWriteOnce"], "size": "5Gi"}})),
+        "PersistentVolumeClaim")["spec"]
+    assert (sized["storageClassName"], sized["accessModes"],
+            sized["resources"]["requests"]["storage"]) == ("nfs", ["ReadWriteOnce"], "5Gi")
+    values = deep_merge(ONLY_DATABASE, {"anchors": {"persistence": {"enabled": False}}})
+    docs = render(chart, values)
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    assert anchors_volume(docs)[1]["emptyDir"] == {}
+    notes = chart.render(values, name=RELEASE, namespace=NAMESPACE)["euroute/templates/NOTES.txt"]
+    assert "WARNING: anchors.persistence.enabled=false" in notes
+    assert "anchors.persistence" not in chart.render(
+        ONLY_DATABASE, name=RELEASE, namespace=NAMESPACE)["euroute/templates/NOTES.txt"]
+
+
+def test_production_example_sets_the_keys_and_anchors(chart):
+    docs = render(chart, SHIPPED["examples/production.yaml"])
+    assert secret_ref(server_container(docs), "EUROUTE_LEDGER_KEY")["name"] == "euroute-keys"
+    assert secret_ref(purge_container(docs), "EUROUTE_LEDGER_KEY")["name"] == "euroute-keys"
+    assert env_map(server_container(docs))["EUROUTE_ENV"]["value"] == "production"
+    claim = one(docs, "PersistentVolumeClaim")["spec"]
+    assert claim["accessModes"] == ["ReadWriteMany"]  # several replicas (HPA) write
+    assert anchors_volume(docs)[1]["persistentVolumeClaim"]["claimName"] == f"{RELEASE}-anchors"
