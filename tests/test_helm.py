@@ -230,6 +230,15 @@ def test_shipped_values_match_schema(validator, name):
         {"replicas": 3},  # typo of replicaCount: unknown keys are rejected
         {"networkPolicy": {"enabled": True, "egress": []}},
         {"metrics": {"serviceMonitor": {"interval": "often"}}},
+        {"environment": "prod"},
+        {"pseudonym": {"existingSecret": "euroute-pseudonym"}},  # now ledger.secretKeys
+        {"ledger": {"ledgerKey": "k"}},  # never a key in plain values
+        {"ledger": {"secretKeys": {"ledgerKey": ""}}},
+        {"anchors": {"mountPath": "relative/dir"}},
+        {"anchors": {"intervalSeconds": 0}},
+        {"anchors": {"persistence": {"accessModes": ["ReadMostly"]}}},
+        {"anchors": {"persistence": {"size": "lots"}}},
+        {"anchors": {"persistence": {"existingClaim": "Not_A_Valid_Name"}}},
     ],
 )
 def test_schema_rejects_bad_values(validator, override):
