@@ -7,16 +7,29 @@ import contextlib
 import datetime as dt
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import records, report
 from proxy.ledger import providers, queries, retention
-from proxy.ledger.db import make_engine
+from proxy.ledger.db import alembic_config, make_engine
 from proxy.ledger.queries import Window
 from proxy.policy.load import PolicyError, PolicySet, read
-from proxy.settings import Settings
+from proxy.settings import Settings, masked_url
+
+
+class CommandError(Exception):
+    """A failure the operator can fix, told in a line or two; `euroute` exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def err(*parts: Any) -> None:
@@ -26,19 +39,55 @@ def err(*parts: Any) -> None:
 def policies_or_none(settings: Settings) -> PolicySet | None:
     """The policy set, or None after saying on stderr why the files are invalid."""
     try:
-        return read(settings.resolved_policy_dir())
+        return read(settings.resolved_policy_dir(), env=settings.environment())
     except PolicyError as exc:
         err(f"policy files are invalid:\n{exc}")
         return None
 
 
+def _schema_revisions(connection: Connection, url: str) -> tuple[str | None, str | None, bool]:
+    """(the database's revision, euroute's newest, whether euroute knows the database's)."""
+    scripts = ScriptDirectory.from_config(alembic_config(url))
+    current = MigrationContext.configure(connection).get_current_revision()
+    known = current is None or scripts.get_revision(current) is not None
+    return current, scripts.get_current_head(), known
+
+
 @contextlib.asynccontextmanager
-async def engine_from(settings: Settings) -> AsyncIterator[AsyncEngine]:
+async def engine_from(settings: Settings, *, migrated: bool = True) -> AsyncIterator[AsyncEngine]:
+    """An engine on the ledger database, once it answers and (when `migrated`) holds the schema
+    this euroute expects; otherwise CommandError saying what to do."""
+    where = masked_url(settings.database_url)
+    url = make_url(settings.database_url)
+    if (migrated and url.get_backend_name() == "sqlite" and url.database
+            and url.database != ":memory:" and not Path(url.database).exists()):
+        # Connecting would create an empty file.
+        raise CommandError(f"no database at {url.database}: run `euroute migrate` to create it")
     engine = make_engine(settings.database_url)
     try:
+        try:
+            async with engine.connect() as conn:
+                current, head, known = await conn.run_sync(_schema_revisions,
+                                                               settings.database_url)
+        except (OSError, TimeoutError, DBAPIError) as exc:
+            raise CommandError(f"cannot open the database {where}: {reason(exc)}") from None
+        if migrated and current != head:
+            if not known:
+                raise CommandError(f"the database {where} is at schema revision {current}, which "
+                                   "this euroute does not know: upgrade euroute")
+            raise CommandError(f"the database {where} is at schema revision {current or 'none'}, "
+                               f"not {head}: run `euroute migrate`")
         yield engine
     finally:
         await engine.dispose()
+
+
+def reason(exc: BaseException) -> str:
+    """A driver's complaint without its class name, SQL or documentation link."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    text = str(exc).strip().split("\n", 1)[0]
+    return text.rsplit(">: ", 1)[-1] or type(exc).__name__
 
 
 def _show(rows: list[dict[str, Any]], fmt: str) -> None:

@@ -255,11 +255,13 @@ class Gateway:
         await send_json(send, 200, b'{"status":"ok"}')
 
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ready = self.writer.healthy
+        missing = missing_credentials(self.policies.current)
+        ready = self.writer.healthy and not missing
         body = {"status": "ready" if ready else "unavailable",
                 "policy_version": self.policies.current.version,
                 "policy_error": self.policies.error,
-                "ledger": {"healthy": ready, "pending_rows": self.writer.pending}}
+                "ledger": {"healthy": self.writer.healthy, "pending_rows": self.writer.pending},
+                "missing_credentials": missing}
         await send_json(send, 200 if ready else 503, orjson.dumps(body))
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -289,6 +291,13 @@ class Gateway:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
         await send({"type": "http.response.body", "body": body})
+
+
+def missing_credentials(policies: PolicySet) -> list[dict[str, str]]:
+    """Enabled routes whose API key variable is unset: requests would reach them with no
+    credentials, so the replica is not ready."""
+    return [{"route": r.id, "variable": r.api_key_env} for r in policies.catalog.routes
+            if r.api_key_env and r.id in policies.base_urls and not policies.api_keys.get(r.id)]
 
 
 def _reasons(route: Route, fails: list[Check]) -> list[dict[str, str]]:
