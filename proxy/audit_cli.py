@@ -94,23 +94,53 @@ def _show(rows: list[dict[str, Any]], fmt: str) -> None:
     print(report.render(rows, fmt).rstrip("\n"))
 
 
-def _window(args: argparse.Namespace) -> Window:
-    return Window(start=args.start, end=args.end,
-                  **{name: getattr(args, name) for name in queries.FILTERS})
+def _known(settings: Settings) -> dict[str, set[str]]:
+    """Filter values the policy files name (none when the files cannot be read)."""
+    try:
+        p = read(settings.resolved_policy_dir(), env=settings.environment())
+    except PolicyError:
+        return {}
+    return {"app": set(p.apps), "model": set(p.by_model), "policy": set(p.policies),
+            "route": {r.id for r in p.catalog.routes}}
+
+
+async def _window(args: argparse.Namespace, settings: Settings, engine: AsyncEngine) -> Window:
+    """The range and filters asked for, refused when they cannot match anything: a range that
+    ends before it starts, or a value neither the policy files nor the ledger know (which
+    would otherwise print "(no rows)" as if it were an answer)."""
+    window = Window(start=args.start, end=args.end,
+                    **{name: getattr(args, name) for name in queries.FILTERS})
+    if window.start and window.end and window.start >= window.end:
+        raise CommandError(f"empty range: --from {window.start.isoformat()} is not before "
+                           f"--to (which ends at {window.end.isoformat()})", 2)
+    known = _known(settings)
+    for name, names in (("app", "apps"), ("model", "models"), ("route", "routes"),
+                        ("policy", "policies")):
+        value = getattr(window, name)
+        if value is None or value in known.get(name, ()) or await queries.seen(engine, name,
+                                                                                value):
+            continue
+        listed = sorted(known.get(name, ()))
+        raise CommandError(f"--{name} {value!r}: no {name} of that name in the policy files or "
+                           "the ledger" + (f"; {names} known: {', '.join(listed)}" if listed
+                                           else ""), 2)
+    return window
 
 
 # -- the queries ------------------------------------------------------------------------------
 
 async def usage(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        rows = await queries.usage(engine, _window(args), group_by=args.group_by)
+        window = await _window(args, settings, engine)
+        rows = await queries.usage(engine, window, group_by=args.group_by)
     _show(rows, args.format)
     return 0
 
 
 async def decisions(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        rows = await queries.decisions(engine, _window(args), group_by=args.group_by)
+        window = await _window(args, settings, engine)
+        rows = await queries.decisions(engine, window, group_by=args.group_by)
     _show(rows, args.format)
     return 0
 
@@ -127,7 +157,8 @@ async def decision(args: argparse.Namespace, settings: Settings) -> int:
 
 async def transfers(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        found = await providers.transfers(engine, _window(args), limit=args.limit)
+        window = await _window(args, settings, engine)
+        found = await providers.transfers(engine, window, limit=args.limit)
     if args.format == "json":
         print(report.to_json(found).decode())
     elif args.format == "csv":
@@ -144,7 +175,8 @@ async def transfers(args: argparse.Namespace, settings: Settings) -> int:
 async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
     as_of = args.as_of or dt.datetime.now(dt.UTC).date()
     async with engine_from(settings) as engine:
-        rows = await providers.retention(engine, _window(args), as_of=as_of)
+        window = await _window(args, settings, engine)
+        rows = await providers.retention(engine, window, as_of=as_of)
     if args.format == "table":
         print(f"requests whose copy at the provider may still exist on {as_of}:")
     _show(rows, args.format)
@@ -153,7 +185,8 @@ async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
 
 async def contracts(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        rows = await providers.contracts(engine, _window(args))
+        window = await _window(args, settings, engine)
+        rows = await providers.contracts(engine, window)
     _show(rows, args.format)
     return 0
 
@@ -162,7 +195,8 @@ async def processing_records(args: argparse.Namespace, settings: Settings) -> in
     if (policies := policies_or_none(settings)) is None:
         return 2
     async with engine_from(settings) as engine:
-        document = await records.records(engine, policies, _window(args))
+        window = await _window(args, settings, engine)
+        document = await records.records(engine, policies, window)
     if args.format == "json":
         print(report.to_json(document).decode())
     elif args.format == "csv":
@@ -174,10 +208,11 @@ async def processing_records(args: argparse.Namespace, settings: Settings) -> in
 
 async def export(args: argparse.Namespace, settings: Settings) -> int:
     chunks = report.csv_chunks if args.format == "csv" else report.jsonl_chunks
-    async with (engine_from(settings) as engine,
-                contextlib.aclosing(queries.export(engine, _window(args))) as rows):
-        async for chunk in chunks(queries.EXPORT_COLUMNS, rows):
-            sys.stdout.write(chunk if isinstance(chunk, str) else chunk.decode())
+    async with engine_from(settings) as engine:
+        window = await _window(args, settings, engine)
+        async with contextlib.aclosing(queries.export(engine, window)) as rows:
+            async for chunk in chunks(queries.EXPORT_COLUMNS, rows):
+                sys.stdout.write(chunk if isinstance(chunk, str) else chunk.decode())
     sys.stdout.flush()
     return 0
 
