@@ -90,6 +90,17 @@ def reason(exc: BaseException) -> str:
     return text.rsplit(">: ", 1)[-1] or type(exc).__name__
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
+
+
 def _show(rows: list[dict[str, Any]], fmt: str) -> None:
     print(report.render(rows, fmt).rstrip("\n"))
 
@@ -260,6 +271,10 @@ async def erase(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
         touched = await retention.erase(engine, settings.pseudonym_key.get_secret_value().encode(),
                                         args.subject)
+    if not touched:
+        # Success here would tell a data subject their data is gone when nothing was found.
+        raise CommandError("no ledger row carries this subject's pseudonym: check the id the app "
+                           "sent, and that EUROUTE_PSEUDONYM_KEY is the proxy's key")
     print(f"erased the subject's pseudonym from {touched} rows")
     return 0
 
@@ -293,7 +308,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(run=decision)
     p = aud.add_parser("transfers", help="requests processed or stored outside the EEA")
     _filters(p)
-    p.add_argument("--limit", type=int, default=1000, help="list at most this many")
+    p.add_argument("--limit", type=positive, default=1000, help="list at most this many")
     p.set_defaults(run=transfers)
     p = aud.add_parser("retention", help="requests a provider may still hold a copy of")
     _filters(p)

@@ -13,7 +13,7 @@ from pydantic import SecretStr, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy import __version__, audit_cli, keys, logs, report
-from proxy.audit_cli import CommandError, engine_from, err, policies_or_none, reason
+from proxy.audit_cli import CommandError, engine_from, err, policies_or_none, positive, reason
 from proxy.ledger.db import migrate
 from proxy.policy.decide import parse_narrowing
 from proxy.policy.load import PolicyError, read
@@ -248,16 +248,6 @@ def port(text: str) -> int:
     return value
 
 
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
-    return value
-
-
 def settings_problems(exc: ValidationError) -> str:
     """Each invalid setting by its variable name, what it must be, and (unless it may be a
     secret or hold one) what it was."""
@@ -297,8 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings()
         if getattr(args, "sync", None):
-            return int(args.sync(args, settings))
-        return int(asyncio.run(args.run(args, settings)))
+            code = int(args.sync(args, settings))
+        else:
+            code = int(asyncio.run(args.run(args, settings)))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return code
     except BaseException as exc:  # KeyboardInterrupt too; a bug is re-raised
         found = failure(exc)
         if found is None:
