@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import __version__, audit
+from proxy import __version__, audit, ui
 from proxy.access import error_response
 from proxy.endpoints import Gateway, missing_credentials
 from proxy.errors import EurouteError, NotFound
@@ -142,4 +142,5 @@ def create_app(settings: Settings | None = None) -> Euroute:
     app.router.routes.extend(Route(path, _Late(app, name), methods=[method])
                              for (method, path), name in FAST.items())
     app.router.routes.extend(audit.routes(app))
+    app.router.routes.extend(ui.routes())
     return Euroute(app)

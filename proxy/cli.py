@@ -162,14 +162,7 @@ async def cmd_policy_explain(args: argparse.Namespace, settings: Settings) -> in
         print(report.to_json({**decision.as_dict(), "policy_version": policies.version,
                               "admitted": [r.id for r in decision.routes]}).decode())
         return 0
-    rows = []
-    for verdict in decision.verdicts:
-        if not verdict.enabled:
-            rows.append({"route": verdict.route.id, "requirement": "enabled", "result": "FAIL",
-                         "why": "route has no base URL configured"})
-        for check in verdict.checks:
-            rows.append({"route": verdict.route.id, "requirement": check.requirement,
-                         "result": "pass" if check.ok else "FAIL", "why": check.detail})
+    rows = report.explain_rows(decision)
     print(f"policy {args.policy} (version {policies.version[:12]}), model {args.model}"
           + (f", narrowed by {', '.join(sorted(narrowing))}" if narrowing else ""))
     print(f"models rule: {decision.model_check.detail}")
