@@ -20,6 +20,7 @@ from proxy import records, report
 from proxy.ledger import providers, queries, retention
 from proxy.ledger.db import alembic_config, make_engine
 from proxy.ledger.queries import Window
+from proxy.ledger.record import OUTCOMES
 from proxy.policy.load import PolicyError, PolicySet, read
 from proxy.settings import Settings, masked_url
 
@@ -287,7 +288,8 @@ def _filters(p: argparse.ArgumentParser, formats: tuple[str, ...] = report.FORMA
                    help="start, YYYY-MM-DD or ISO time (UTC)")
     p.add_argument("--to", dest="end", type=queries.until, help="end, inclusive for a plain date")
     for name in queries.FILTERS:
-        p.add_argument(f"--{name}", help=f"only this {name}")
+        p.add_argument(f"--{name}", help=f"only this {name}", metavar=name.upper(),
+                       choices=sorted(OUTCOMES) if name == "outcome" else None)
     p.add_argument("--format", choices=formats, default=default)
 
 

@@ -37,6 +37,7 @@ from proxy.ledger.record import OUTCOMES as RECORD_OUTCOMES
 from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
+from proxy.logs import log_request
 from proxy.policy.decide import Check, parse_narrowing, request_checks
 from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
@@ -124,6 +125,7 @@ class Gateway:
                                               "endpoint": endpoint},
                                     "result": "error", "reasons": []}
         self.writer.key_used(key.id, now)
+        failure: EurouteError | None = None
         try:
             policy = policies.policies.get(key.policy)
             if policy is None:
@@ -160,6 +162,7 @@ class Gateway:
                                          receive, send, row, reply_headers, started, tried)
             self._account(row, route, policy, usage)
         except EurouteError as exc:
+            failure = exc
             row.finish(outcome_of(exc), exc.status)
             await send_error(send, exc, reply_headers)
         except Exception:
@@ -174,6 +177,7 @@ class Gateway:
             row.latency_us = int((time.perf_counter() - started) * 1e6)
             self.outcomes[row.outcome] += 1
             self.writer.submit(row)
+            log_request(row, failure)
 
     def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,
                 policy: Policy, model: str, headers: dict[bytes, bytes], decision: dict[str, Any],
