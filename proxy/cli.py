@@ -88,7 +88,7 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         value = env.get(variable)
         rows.append({"variable": variable, "value": "(set, hidden)" if secret and value
                      else (masked_url(value) if value and "://" in value else value)})
-    print(report.render(rows, args.format))
+    print(report.render(rows, args.format).rstrip("\n"))
     return 0
 
 
@@ -113,7 +113,7 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        print(report.render(await keys.listing(engine), args.format))
+        print(report.render(await keys.listing(engine), args.format).rstrip("\n"))
     return 0
 
 

@@ -90,9 +90,13 @@ def chat(served: Served, key: str, **extra: Any) -> httpx.Response:
                       headers={"authorization": f"Bearer {key}"})
 
 
-def test_one_json_line_per_request_and_none_from_uvicorn(serve: Any, fake: FakeMistral) -> None:
+def test_one_json_line_per_request_and_none_from_uvicorn(serve: Any, fake: FakeMistral,
+                                                         db_url: str) -> None:
+    # The test server trusts every local connection, so a password can be given and ignored.
+    url = db_url.replace("postgres@", "postgres:s3cret-pw@")
     served = serve(EUROUTE_LOG_FORMAT="json", MISTRAL_BASE_URL=fake.url,
-                   MISTRAL_API_KEY=UPSTREAM_KEY, EUROUTE_PSEUDONYM_KEY=PSEUDONYM_KEY)
+                   MISTRAL_API_KEY=UPSTREAM_KEY, EUROUTE_PSEUDONYM_KEY=PSEUDONYM_KEY,
+                   EUROUTE_DATABASE_URL=url)
     app = f"logged-{secrets.token_hex(3)}"
     key, strict = served.key(app), served.key(app, "eu-strict")
     secret_words = f"my-secret-prompt-{secrets.token_hex(4)}"
@@ -109,6 +113,7 @@ def test_one_json_line_per_request_and_none_from_uvicorn(serve: Any, fake: FakeM
     assert len(records) == len(served.lines())  # every line is JSON
     start = next(r for r in records if r["message"] == "euroute started")
     assert start["version"] == __version__ and start["policy_version"]
+    assert start["ledger"] == url.replace("s3cret-pw", "***")
     assert "mistral-eu-magistral-small" in start["routes"]
     assert "selfhosted-eu-magistral-small" not in start["routes"]  # no base URL: disabled
     lines = [r for r in records if r["message"] == "request"]
@@ -130,6 +135,7 @@ def test_one_json_line_per_request_and_none_from_uvicorn(serve: Any, fake: FakeM
     text = served.log.read_text()
     assert secret_words not in text and key not in text and strict not in text
     assert UPSTREAM_KEY not in text and "HTTP/1.1" not in text  # no uvicorn access line
+    assert "s3cret-pw" not in text
 
 
 def test_text_lines_quote_what_could_forge_a_line(serve: Any, fake: FakeMistral) -> None:
