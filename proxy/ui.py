@@ -221,8 +221,9 @@ async def _integrity(request: Request) -> str:
                    await queries.verify(state.engine))
         state.ui_verified = checked
     _, at, result = checked
-    verdict = (f'<p class="ok">Verified: {result["rows"]} rows in {result["writers"]} hash chains '
-               "are intact.</p>" if result["ok"] else
+    chains = f"{result.get('writers')} hash chain" + ("" if result.get("writers") == 1 else "s")
+    verdict = (f'<p class="ok">Verified: {result["rows"]} rows in {chains}, intact.</p>'
+               if result["ok"] else
                f'<p class="bad">FAILED after {result["rows"]} good rows: {h(result["finding"])}'
                "</p>")
     return _section("integrity", "Ledger integrity (hash chains)",

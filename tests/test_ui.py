@@ -135,7 +135,7 @@ def test_dashboard_in_chromium(dashboard: Proxy) -> None:
         assert "us-east-template" in locations and "scc" in locations
         retention = page.inner_text("#retention")
         assert "mistral" in retention and ROUTE in retention and "acme-cloud" in retention
-        assert "Verified: 7 rows in 1 hash chains are intact." in page.inner_text("#integrity")
+        assert "Verified: 7 rows in 1 hash chain, intact." in page.inner_text("#integrity")
         page.click("#policies summary:has-text('eu-strict')")
         policies = page.inner_text("#policies")
         assert "zero_data_retention" in policies and "FAIL" in policies
