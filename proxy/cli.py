@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from proxy import __version__, audit_cli, keys, logs, report
+from proxy import __version__, audit_cli, keys, logs, metrics, report
 from proxy.audit_cli import CommandError, engine_from, err, policies_or_none, positive, reason
 from proxy.ledger.db import migrate
 from proxy.policy.decide import parse_narrowing
@@ -51,10 +51,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         # Fail here in a line, not in every worker's start-up with a traceback.
         asyncio.run(_check_schema(settings))
     # The gateway logs one line per request (proxy/logs.py): uvicorn's access log is off.
-    uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, loop="uvloop", http="httptools",
-                log_config=logs.config(settings), log_level=settings.log_level,
-                access_log=False, proxy_headers=False, timeout_graceful_shutdown=30)
+    with metrics.shared_between_workers(args.workers):
+        uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, loop="uvloop", http="httptools",
+                    log_config=logs.config(settings), log_level=settings.log_level,
+                    access_log=False, proxy_headers=False, timeout_graceful_shutdown=30)
     return 0
 
 

@@ -33,7 +33,9 @@ def masked_url(url: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EUROUTE_", env_file=".env", extra="ignore")
+    # Inputs stay out of validation errors: some hold secrets (database and Redis passwords).
+    model_config = SettingsConfigDict(env_prefix="EUROUTE_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     database_url: str = "sqlite+aiosqlite:///./euroute.db"
     # Unset: ./policies when it exists, else the policies shipped with euroute.
@@ -59,6 +61,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # One line per request and per event: readable text, or one JSON object per line.
     log_format: Literal["text", "json"] = "text"
+    # Shared rate-limit windows (redis:// or rediss://, Redis or Valkey); unset: per replica.
+    redis_url: SecretStr | None = None
+    # Prefixes every key, so that several deployments can share one Redis.
+    redis_prefix: str = Field(default="euroute:", max_length=200)
+    redis_timeout_s: float = Field(default=0.5, gt=0)
 
     @field_validator("database_url")
     @classmethod
@@ -76,6 +83,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
 
     def resolved_policy_dir(self) -> Path:
         if self.policy_dir is not None:
