@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from proxy import __version__
-from tests.conftest import PG_ADMIN, _pg, copy_policies, run
+from tests.conftest import PG_ADMIN, REPO, _pg, copy_policies, run
 from tests.made_rows import made_row, write
 
 EUROUTE = str(Path(sys.executable).with_name("euroute"))
@@ -49,6 +49,8 @@ def here(tmp_path: Path) -> Path:
 def test_version(here: Path) -> None:
     result = euroute("--version", cwd=here)
     assert result.returncode == 0 and result.stdout.strip() == f"euroute {__version__}"
+    # The one in proxy/__init__.py and the one in pyproject.toml name the same release.
+    assert f'\nversion = "{__version__}"\n' in (REPO / "pyproject.toml").read_text()
 
 
 @pytest.mark.parametrize("argv", [["migrate"], ["keys", "list"], ["audit", "usage"],
