@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest
+from proxy import sse
+from proxy.errors import BadRequest, EurouteError, UpstreamUnavailable
 
 # OpenAI chat field -> Mistral field; the value is checked by the type named.
 _CHAT = {
@@ -146,14 +148,32 @@ def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:
     return frozenset(need)
 
 
+# The ledger's token columns are 32-bit integers; a count outside them is no real count.
+MAX_TOKENS = 2**31 - 1
+
+
 def usage_of(answer: dict[str, Any]) -> tuple[int, int] | None:
+    """(prompt, completion) tokens; None when the answer reports none. Numbers that cannot be
+    true (negative, not integers, past the ledger's range) make the answer an upstream error:
+    they must never be booked, nor credit a budget."""
     usage = answer.get("usage")
+    if usage is None:
+        return None
     if not isinstance(usage, dict):
-        return None
+        raise broken_usage(usage)
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    if prompt is None:
         return None
+    for n in (prompt, completion):
+        if type(n) is not int or not 0 <= n <= MAX_TOKENS:
+            raise broken_usage(usage)
     return prompt, completion
+
+
+def broken_usage(usage: object) -> UpstreamUnavailable:
+    kind = type(usage).__name__ if not isinstance(usage, dict) else "counts"
+    return UpstreamUnavailable(f"upstream reported impossible token usage ({kind})",
+                               code="upstream_error")
 
 
 def embeddings_answer(answer: dict[str, Any], encoding: str | None) -> dict[str, Any]:
@@ -189,44 +209,83 @@ def error_from_upstream(status: int, body: bytes) -> tuple[str, str | None, str 
             None if code is None else str(code))
 
 
-class StreamRelay:
-    """Relays SSE events as they complete, unchanged; parses only events that carry usage.
+class Scrubber:
+    """Replaces every configured provider credential in what goes back to a client.
 
-    With `include_usage`, OpenAI's extra usage chunk (empty choices) is added before
-    `data: [DONE]`, as OpenAI clients expect.
+    An upstream may echo euroute's `Authorization` header (in an answer, an error message, a
+    stream event); the app must never see euroute's provider key. The JSON-escaped form is
+    replaced too. Keys shorter than 8 characters are not real provider keys and would blank
+    out ordinary text, so they are left alone.
     """
 
-    __slots__ = ("_carry", "done", "events", "include_usage", "last_chunk", "usage")
+    __slots__ = ("_secrets",)
+    MARK = b"[redacted]"
 
-    def __init__(self, include_usage: bool) -> None:
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        forms = set()
+        for secret in secrets:
+            if secret and len(secret) >= 8:
+                forms.add(secret.encode())
+                forms.add(orjson.dumps(secret)[1:-1])
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
+
+    def __call__(self, raw: bytes) -> bytes:
+        for secret in self._secrets:
+            if secret in raw:
+                raw = raw.replace(secret, self.MARK)
+        return raw
+
+    def text(self, value: str | None) -> str | None:
+        if value is None or not self._secrets:
+            return value
+        return self(value.encode()).decode()
+
+    def error(self, exc: EurouteError) -> None:
+        """An upstream's error, as relayed and recorded (its code becomes the outcome)."""
+        exc.message = self.text(exc.message) or ""
+        exc.param, exc.code = self.text(exc.param), self.text(exc.code)
+
+
+class StreamRelay:
+    """Relays SSE events as they arrive, unchanged; parses only events that carry usage.
+
+    It works on parsed events (proxy/sse.py), never on byte patterns: only an event whose data
+    is exactly `[DONE]` ends the stream. With `include_usage`, OpenAI's extra usage chunk
+    (empty choices) is sent as its own event before `[DONE]`, as OpenAI clients expect.
+    """
+
+    __slots__ = ("done", "events", "include_usage", "last_chunk", "scrub", "usage")
+
+    def __init__(self, include_usage: bool, scrub: Scrubber) -> None:
         self.include_usage = include_usage
+        self.scrub = scrub
         self.usage: tuple[int, int] | None = None
         self.last_chunk: dict[str, Any] | None = None
-        self._carry = b""
         self.done = False
         self.events = 0
 
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._carry + chunk if self._carry else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._carry = data
-            return b""
-        complete, self._carry = data[: end + 2], data[end + 2:]
-        self.events += complete.count(b"\n\n")
-        if b'"usage"' in complete:
-            for event in complete.split(b"\n\n"):
-                if b'"usage"' in event and event.startswith(b"data: {"):
-                    self._take_usage(event[6:])
-        done_at = complete.find(b"data: [DONE]")
-        if done_at < 0:
-            return complete
-        self.done = True
-        return complete[:done_at] + self._usage_event() + complete[done_at:]
+    def relay(self, events: list[sse.Event]) -> bytes:
+        """The bytes to send on for these events; raises on impossible usage."""
+        out = []
+        for event in events:
+            if self.done:
+                break  # nothing follows [DONE]
+            data = event.data
+            if data is None:  # comments and keep-alives pass as they came
+                out.append(event.raw)
+                continue
+            self.events += 1
+            if data == b"[DONE]":
+                self.done = True
+                out.append(self._usage_event())
+            elif b'"usage"' in data:
+                self._take_usage(data)
+            out.append(self.scrub(event.raw))
+        return out[0] if len(out) == 1 else b"".join(out)
 
-    def _take_usage(self, raw: bytes) -> None:
+    def _take_usage(self, data: bytes) -> None:
         try:
-            chunk = orjson.loads(raw)
+            chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             return
         if isinstance(chunk, dict) and (usage := usage_of(chunk)) is not None:
@@ -239,4 +298,4 @@ class StreamRelay:
         c = self.last_chunk
         extra = {"id": c.get("id"), "object": "chat.completion.chunk", "created": c.get("created"),
                  "model": c.get("model"), "choices": [], "usage": c["usage"]}
-        return b"data: " + orjson.dumps(extra) + b"\n\n"
+        return self.scrub(b"data: " + orjson.dumps(extra) + b"\n\n")

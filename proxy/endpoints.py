@@ -6,17 +6,20 @@ over to the next compliant route only before any byte reached the client), recor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from proxy import dialect, metrics
-from proxy.asgi import Receive, Scope, Send, read_body, send_error, send_json
+from proxy.asgi import DisconnectWatch, Receive, Scope, Send, read_body, send_error, send_json
 from proxy.errors import (
     BadRequest,
     EurouteError,
@@ -30,6 +33,7 @@ from proxy.errors import (
     Unavailable,
     UpstreamError,
     UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from proxy.keys import Key, KeyCache
 from proxy.ledger.chain import commitment, pseudonym
@@ -42,8 +46,9 @@ from proxy.policy.decide import Check, parse_narrowing, request_checks
 from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
 from proxy.policy.schema import Policy, Route
+from proxy.relay import relay_json, relay_stream
 from proxy.settings import Settings
-from proxy.upstream import Upstream, forward
+from proxy.upstream import Call, Upstream
 
 log = logging.getLogger("euroute")
 OUTCOMES = {
@@ -64,7 +69,23 @@ def outcome_of(exc: EurouteError) -> str:
         return exc.code if exc.code in RECORD_OUTCOMES else "rate_limit_exceeded"
     if isinstance(exc, UpstreamError) and exc.status == 429:
         return "upstream_rate_limited"
+    if isinstance(exc, UpstreamUnavailable) and exc.code == "stream_cut":
+        return "stream_cut"  # euroute's own code (upstream.Events), not an upstream's
     return "upstream_error"
+
+
+def route_facts(row: RequestRecord, route: Route, policies: PolicySet) -> None:
+    """What the ledger must say about where this request's data went."""
+    p = route.posture
+    standing = policies.standings[route.id]
+    days = standing.retention_days
+    row.set(route=route.id, provider=route.provider, upstream_model=route.upstream_model,
+            inference_location=p.inference_location, storage_location=p.storage_location,
+            transfer_mechanism=p.transfer_mechanism, zdr_reference=standing.zdr_reference,
+            dpa_reference=standing.dpa_reference, currency=route.pricing.currency,
+            provider_retention_days=days)
+    row.provider_copy_gone_on = (None if days is None
+                                 else row.created_at.date() + dt.timedelta(days=days))
 
 
 def authenticate(keys: KeyCache, headers: dict[bytes, bytes]) -> Key:
@@ -75,6 +96,20 @@ def authenticate(keys: KeyCache, headers: dict[bytes, bytes]) -> Key:
     if key is None:
         raise Unauthorized("invalid or revoked API key")
     return key
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One admitted request on its way upstream."""
+
+    policies: PolicySet
+    routes: list[Route]
+    request: dict[str, Any]
+    endpoint: str
+    row: RequestRecord
+    decision: dict[str, Any]
+    started: float
+    trying: Route | None = None  # the route forward() is sending to now
 
 
 class Gateway:
@@ -91,6 +126,7 @@ class Gateway:
         self.rates = RateLimiter(settings.redis_url, prefix=settings.redis_prefix,
                                  timeout_s=settings.redis_timeout_s)
         self.sampler = metrics.Sampler(self)
+        self._scrub: tuple[PolicySet | None, dialect.Scrubber] = (None, dialect.Scrubber(()))
         self.admitted_unrecorded = 0
         self.pseudonym_key = (settings.pseudonym_key.get_secret_value().encode()
                               if settings.pseudonym_key else os.urandom(32))
@@ -158,12 +194,14 @@ class Gateway:
             await self.rates.admit(key.id, policy)
             await self.budgets.admit(key.app, policy.limits.budget,
                                      self._worst_case(routes[0], request, len(body)))
-            tried: list[str] = decision.setdefault("tried", [])
-            route, usage = await forward(self.upstream, policies, routes, request, endpoint,
-                                         receive, send, row, reply_headers, started, tried)
+            # Admitted: a durable record of the intent belongs here, before any byte leaves.
+            exchange = Exchange(policies, routes, request, endpoint, row, decision, started)
+            route, usage = await self._forward(receive, send, exchange, reply_headers)
             self._account(row, route, policy, usage)
         except EurouteError as exc:
             failure = exc
+            if isinstance(exc, UpstreamError):
+                self._scrubber(policies).error(exc)
             row.finish(outcome_of(exc), exc.status)
             await send_error(send, exc, reply_headers)
         except Exception:
@@ -179,6 +217,76 @@ class Gateway:
             metrics.observe(row)
             self.writer.submit(row)
             log_request(row, failure)
+
+    async def _forward(self, receive: Receive, send: Send, ex: Exchange,
+                       reply_headers: list[tuple[bytes, bytes]]
+                       ) -> tuple[Route | None, tuple[int, int] | None]:
+        """Forward (falling over while nothing reached the client), relay, note the outcome;
+        (the route that answered, its usage)."""
+        row, request = ex.row, ex.request
+        stream = ex.endpoint == "chat" and bool(request.get("stream"))
+        scrub = self._scrubber(ex.policies)
+        watch = DisconnectWatch(receive)
+        events = relay = route = None
+        try:
+            answer = await self.upstream.forward(self._calls(ex, stream), stream)
+            ex.decision["tried"] = [{"route": a.route, "outcome": a.outcome}
+                                    for a in answer.attempts]
+            route = answer.route
+            if route is not None:
+                route_facts(row, route, ex.policies)
+            if answer.error is not None or route is None:
+                raise answer.error or UpstreamUnavailable("no route was tried")
+            row.ttfb_us = int((answer.ttfb - ex.started) * 1e6) if answer.ttfb else None
+            answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
+            if (events := answer.events) is None:
+                watch.disarm()
+                base64 = ex.endpoint == "embeddings" and request.get("encoding_format") == "base64"
+                await relay_json(send, answer, base64, answered, scrub)
+                return route, answer.usage
+            options = request.get("stream_options")
+            relay = dialect.StreamRelay(
+                isinstance(options, dict) and options.get("include_usage") is True, scrub)
+            failure = await relay_stream(send, answer, relay, answered)
+            watch.disarm()
+            if failure is not None:
+                row.finish(outcome_of(failure), failure.status)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return route, relay.usage
+        except asyncio.CancelledError:
+            if not watch.cancelled_by_client():
+                raise
+            if events is not None:
+                await events.aclose()
+            row.finish("client_cancelled", 499)
+            if route is None and ex.trying is not None:  # gone while a route was being tried
+                route = ex.trying
+                route_facts(row, route, ex.policies)  # the prompt went there all the same
+                ex.decision.setdefault("tried", []).append(
+                    {"route": route.id, "outcome": "client_cancelled"})
+            # the upstream worked for it: its usage when it came, else flagged as missing
+            return route, relay.usage if relay is not None else None
+        finally:
+            watch.disarm()
+
+    def _calls(self, ex: Exchange, stream: bool) -> Iterator[Call]:
+        """One upstream request per compliant route, built only when that route is tried."""
+        path = "chat/completions" if ex.endpoint == "chat" else "embeddings"
+        build = dialect.chat_request if ex.endpoint == "chat" else dialect.embeddings_request
+        for route in ex.routes:
+            ex.trying = route
+            headers = {"content-type": "application/json", "accept-encoding": "identity",
+                       "accept": "text/event-stream" if stream else "application/json",
+                       "user-agent": "euroute"}
+            if api_key := ex.policies.api_keys.get(route.id):
+                headers["authorization"] = f"Bearer {api_key}"
+            body = orjson.dumps(build(ex.request, route.upstream_model))
+            yield Call(route, f"{ex.policies.base_urls[route.id]}/{path}", body, headers)
+
+    def _scrubber(self, policies: PolicySet) -> dialect.Scrubber:
+        if self._scrub[0] is not policies:
+            self._scrub = (policies, dialect.Scrubber(policies.api_keys.values()))
+        return self._scrub[1]
 
     def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,
                 policy: Policy, model: str, headers: dict[bytes, bytes], decision: dict[str, Any],
@@ -233,8 +341,10 @@ class Gateway:
         per_in, per_out = route.pricing.nanos_per_token
         return body_bytes // 4 * per_in + out_tokens * per_out
 
-    def _account(self, row: RequestRecord, route: Route, policy: Policy,
+    def _account(self, row: RequestRecord, route: Route | None, policy: Policy,
                  usage: tuple[int, int] | None) -> None:
+        if route is None:
+            return
         if usage is None:
             row.usage_missing = True
             return
