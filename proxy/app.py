@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import __version__, audit, ui
+from proxy import __version__, audit, openapi, ui
 from proxy.access import error_response
 from proxy.endpoints import Gateway, missing_credentials
 from proxy.errors import EurouteError, NotFound
@@ -146,4 +146,5 @@ def create_app(settings: Settings | None = None) -> Euroute:
                              for (method, path), name in FAST.items())
     app.router.routes.extend(audit.routes(app))
     app.router.routes.extend(ui.routes())
+    app.router.routes.append(Route("/openapi.json", openapi.endpoint, methods=["GET"]))
     return Euroute(app)

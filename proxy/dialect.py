@@ -16,6 +16,12 @@ import orjson
 from proxy import sse
 from proxy.errors import BadRequest, EurouteError, UpstreamUnavailable
 
+# Above any model's output; keeps the number an int64 everywhere it goes (budget, ledger).
+MAX_OUTPUT_TOKENS = 10_000_000
+# JSON nesting a request may have: far more than any message or tool schema needs, well below
+# the 255 levels orjson encodes.
+MAX_DEPTH = 64
+
 # OpenAI chat field -> Mistral field; the value is checked by the type named.
 _CHAT = {
     "messages": ("messages", list),
@@ -60,11 +66,28 @@ def parse(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    # Brackets bound the depth from above: most bodies are cleared without a walk.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(data):
+        raise BadRequest(f"request body nests deeper than {MAX_DEPTH} levels",
+                         code="invalid_value")
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter", param="model",
                          code="missing_required_parameter" if model is None else "invalid_type")
     return data
+
+
+def _too_deep(data: dict[str, Any]) -> bool:
+    # Iterative: the point is to refuse what recursion (orjson's encoder stops at 255 levels)
+    # cannot handle.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _rebuild(request: dict[str, Any], fields: dict[str, tuple[str, Any]], upstream_model: str
@@ -89,6 +112,9 @@ def _rebuild(request: dict[str, Any], fields: dict[str, tuple[str, Any]], upstre
 
 def chat_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
     out = _rebuild(request, _CHAT, upstream_model)
+    limit = output_limit(request)
+    if limit is not None:
+        out["max_tokens"] = limit
     messages = out.get("messages")
     if not messages:
         raise BadRequest("'messages' must be a non-empty array", param="messages",
@@ -118,11 +144,23 @@ def check_types(request: dict[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         value = request.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise BadRequest(f"{name!r} must be a positive integer", param=name,
-                             code="invalid_type")
+                                  or not 1 <= value <= MAX_OUTPUT_TOKENS):
+            raise BadRequest(f"{name!r} must be an integer from 1 to {MAX_OUTPUT_TOKENS}",
+                             param=name, code="invalid_type")
     if not isinstance(request.get("stream", False), bool | None):
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    output_limit(request)
+
+
+def output_limit(request: dict[str, Any]) -> int | None:
+    """The one output-token limit of a request, which the policy check, the budget estimate and
+    the translation all read: `max_completion_tokens` and `max_tokens` are two names for it, so
+    both given and different is refused rather than one of them silently winning."""
+    newer, older = request.get("max_completion_tokens"), request.get("max_tokens")
+    if newer is not None and older is not None and newer != older:
+        raise BadRequest("max_completion_tokens and max_tokens are both given and differ; send "
+                         "one of them", param="max_completion_tokens", code="invalid_value")
+    return newer if newer is not None else older
 
 
 def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:

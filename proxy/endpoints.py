@@ -11,8 +11,9 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,7 @@ from proxy.settings import Settings
 from proxy.upstream import Call, Upstream
 
 log = logging.getLogger("euroute")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
@@ -88,8 +90,26 @@ def route_facts(row: RequestRecord, route: Route, policies: PolicySet) -> None:
                                  else row.created_at.date() + dt.timedelta(days=days))
 
 
-def authenticate(keys: KeyCache, headers: dict[bytes, bytes]) -> Key:
-    auth = headers.get(b"authorization", b"")
+def header_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """Every value of a header, in order: a field may be sent several times (RFC 9110 5.3)."""
+    return [v for k, v in headers if k == name]
+
+
+def single_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """A header that cannot be a list: copies that differ are refused, since which one wins
+    differs from one proxy to the next."""
+    values = header_values(headers, name)
+    if len(set(values)) > 1:
+        raise BadRequest(f"the {name.decode()} header is sent more than once with different "
+                         "values", param=name.decode(), code="conflicting_headers")
+    return values[0] if values else None
+
+
+def authenticate(keys: KeyCache, headers: Sequence[tuple[bytes, bytes]]) -> Key:
+    try:
+        auth = single_header(headers, b"authorization") or b""
+    except BadRequest as exc:
+        raise Unauthorized(exc.message) from None
     if not auth.lower().startswith(b"bearer "):
         raise Unauthorized("missing API key: send 'Authorization: Bearer <euroute key>'")
     key = keys.get(auth[7:].strip().decode("latin-1"))
@@ -141,11 +161,12 @@ class Gateway:
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
-        headers = dict(scope["headers"])
+        raw_headers = scope["headers"]
+        headers = dict(raw_headers)  # for the headers that cannot repeat
         request_id = "req_" + os.urandom(12).hex()
         reply_headers = [(b"x-request-id", request_id.encode())]
         try:
-            key = authenticate(self.keys, headers)
+            key = authenticate(self.keys, raw_headers)
         except Unauthorized as exc:
             await send_error(send, exc, reply_headers)
             return
@@ -164,6 +185,9 @@ class Gateway:
         self.writer.key_used(key.id, now)
         failure: EurouteError | None = None
         try:
+            if key.role != "app":
+                raise Forbidden(f"a key with role {key.role!r} may not call the models; only "
+                                "app keys may")
             policy = policies.policies.get(key.policy)
             if policy is None:
                 raise Forbidden(f"this key's policy {key.policy!r} is not defined any more")
@@ -178,14 +202,14 @@ class Gateway:
             except ValueError:
                 raise BadRequest("'model' must be at most 200 characters, without NUL",
                                  param="model", code="invalid_value") from None
-            user = headers.get(b"x-euroute-user", b"").decode("latin-1") or request.get("user")
-            if isinstance(user, str) and user:
+            user = _end_user(single_header(raw_headers, b"x-euroute-user"), request.get("user"))
+            if user:
                 pseud = pseudonym(self.pseudonym_key, user)
                 salt = os.urandom(16).hex()
                 row.set(end_user=pseud, end_user_salt=salt,
                         end_user_commitment=commitment(salt, pseud))
-            routes = self._decide(policies, request, endpoint, policy, model, headers, decision,
-                                  row)
+            routes = self._decide(policies, request, endpoint, policy, model, raw_headers,
+                                  decision, row)
             if not self.writer.healthy:
                 if policy.audit.on_write_failure == "reject":
                     raise Unavailable("the audit ledger cannot be written; this policy refuses "
@@ -289,10 +313,11 @@ class Gateway:
         return self._scrub[1]
 
     def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,
-                policy: Policy, model: str, headers: dict[bytes, bytes], decision: dict[str, Any],
-                row: RequestRecord) -> list[Route]:
+                policy: Policy, model: str, headers: Sequence[tuple[bytes, bytes]],
+                decision: dict[str, Any], row: RequestRecord) -> list[Route]:
         """Compliant routes for this request, best first; raises the denial otherwise."""
-        narrowing_header = headers.get(b"x-euroute-require")
+        # Every copy of the header narrows: one list, as RFC 9110 5.3 combines repeated fields.
+        narrowing_header = b",".join(header_values(headers, b"x-euroute-require"))
         try:
             narrowing = (parse_narrowing(narrowing_header.decode("latin-1"))
                          if narrowing_header else frozenset())
@@ -300,7 +325,11 @@ class Gateway:
             raise BadRequest(str(exc), param="x-euroute-require",
                              code="invalid_requirement") from None
         needs = dialect.needs(request, endpoint)
-        max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
+        max_tokens = dialect.output_limit(request)
+        cap = policy.limits.max_output_tokens
+        if max_tokens is None and cap is not None and endpoint == "chat":
+            # The policy's cap holds when the client names no limit too: the upstream gets it.
+            max_tokens = request["max_tokens"] = cap
         decision["input"].update(model=model, policy=policy.name, needs=sorted(needs),
                                  max_tokens=max_tokens, narrowing=sorted(narrowing),
                                  stream=bool(request.get("stream")))
@@ -336,8 +365,7 @@ class Gateway:
             decision_id=row.decision_id, reasons=reasons)
 
     def _worst_case(self, route: Route, request: dict[str, Any], body_bytes: int) -> int:
-        out_tokens = (request.get("max_completion_tokens") or request.get("max_tokens")
-                      or route.limits.max_output_tokens or 0)
+        out_tokens = dialect.output_limit(request) or route.limits.max_output_tokens or 0
         per_in, per_out = route.pricing.nanos_per_token
         return body_bytes // 4 * per_in + out_tokens * per_out
 
@@ -359,8 +387,11 @@ class Gateway:
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            key = authenticate(self.keys, dict(scope["headers"]))
-        except Unauthorized as exc:
+            key = authenticate(self.keys, scope["headers"])
+            if key.role != "app":
+                raise Forbidden(f"a key with role {key.role!r} may not list the models; only "
+                                "app keys may")
+        except EurouteError as exc:
             await send_error(send, exc)
             return
         policies = self.policies.current
@@ -394,6 +425,20 @@ def missing_credentials(policies: PolicySet) -> list[dict[str, str]]:
     credentials, so the replica is not ready."""
     return [{"route": r.id, "variable": r.api_key_env} for r in policies.catalog.routes
             if r.api_key_env and r.id in policies.base_urls and not policies.api_keys.get(r.id)]
+
+
+def _end_user(header: bytes | None, field: Any) -> str:
+    """The end-user id, from the header or else the body's `user`: at most 256 characters and
+    no control characters (PostgreSQL refuses NUL), since its pseudonym goes in the ledger."""
+    param, value = ("x-euroute-user", header.decode("latin-1")) if header else ("user", field)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest("user must be a string", param=param, code="invalid_type")
+    if len(value) > 256 or _CONTROL.search(value):
+        raise BadRequest(f"{param} must be at most 256 characters without control characters",
+                         param=param, code="invalid_value")
+    return value
 
 
 def _reasons(route: Route, fails: list[Check]) -> list[dict[str, str]]:

@@ -69,6 +69,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # One line per request and per event: readable text, or one JSON object per line.
     log_format: Literal["text", "json"] = "text"
+    # Client-side limits of `euroute serve` (proxy/serving.py, SECURITY.md).
+    max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    # Per worker; lowered at start to what the file-descriptor limit allows.
+    max_connections: int = Field(default=1024, gt=0)
     # Shared rate-limit windows (redis:// or rediss://, Redis or Valkey); unset: per replica.
     redis_url: SecretStr | None = None
     # Prefixes every key, so that several deployments can share one Redis.
