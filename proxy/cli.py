@@ -239,9 +239,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def port(text: str) -> int:
-    value = positive(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1 to 65535)")
+    """A TCP port; 0 lets the system pick a free one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0 to 65535)")
     return value
 
 

@@ -149,7 +149,7 @@ def test_closed_pipe_ends_quietly(here: Path, ledger_with_rows: str) -> None:
 
 def test_invalid_port_and_workers(here: Path) -> None:
     refused(euroute("serve", "--port", "99999", cwd=here), "--port", "99999",
-            "not a TCP port (1 to 65535)", code=2)
+            "not a TCP port (0 to 65535)", code=2)
     refused(euroute("serve", "--workers", "0", cwd=here), "--workers", code=2)
 
 
