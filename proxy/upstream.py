@@ -97,8 +97,8 @@ async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
     for route in routes:
         tried.append(route.id)
         route_facts(row, route, policies)
-        payload = (dialect.chat_request if endpoint == "chat" else dialect.embeddings_request)(
-            request, route.upstream_model)
+        payload = (dialect.chat_request(request, route) if endpoint == "chat"
+                   else dialect.embeddings_request(request, route.upstream_model))
         headers = {"content-type": "application/json", "accept-encoding": "identity",
                    "accept": "text/event-stream" if stream else "application/json",
                    "user-agent": "euroute"}
