@@ -40,13 +40,14 @@ sys.path.insert(0, str(REPO))
 
 from proxy.ledger.chain import commitment, pseudonym
 from proxy.ledger.db import make_engine, migrate
+from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 
 TARGETS = {"sqlite": 10_000, "postgresql": 20_000}
 PSEUDONYM_KEY = os.urandom(32)
 
 
-def make_row(i: int, key_id: str, policy_version: str) -> dict[str, Any]:
+def make_row(i: int, key_id: str, policy_version: str) -> RequestRecord:
     """One ledger row as proxy/endpoints.py Gateway._call + _route_facts + _account make it."""
     now = dt.datetime.now(dt.UTC)
     request_id = "req_" + os.urandom(12).hex()
@@ -79,7 +80,7 @@ def make_row(i: int, key_id: str, policy_version: str) -> dict[str, Any]:
         pseud = pseudonym(PSEUDONYM_KEY, f"user-{i % 1000}@example.com")
         salt = os.urandom(16).hex()
         row.update(end_user=pseud, end_user_salt=salt, end_user_commitment=commitment(salt, pseud))
-    return row
+    return RequestRecord(**row)
 
 
 async def count_rows(engine: Any) -> int:
@@ -101,7 +102,7 @@ async def burst(url: str, rows: int, batch_size: int) -> dict[str, Any]:
         started = time.perf_counter()
         cpu0 = time.process_time()
         for row in made:
-            writer.key_used(key_id, row["created_at"])
+            writer.key_used(key_id, row.created_at)
             writer.submit(row)
         await writer.close(timeout_s=600)
         elapsed = time.perf_counter() - started

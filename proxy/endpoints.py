@@ -25,11 +25,16 @@ from proxy.errors import (
     ModelNotFound,
     PayloadTooLarge,
     PolicyViolation,
+    RateLimited,
     Unauthorized,
     Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
 )
 from proxy.keys import Key, KeyCache
 from proxy.ledger.chain import commitment, pseudonym
+from proxy.ledger.record import OUTCOMES as RECORD_OUTCOMES
+from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
 from proxy.policy.decide import Check, parse_narrowing, request_checks
@@ -43,17 +48,21 @@ log = logging.getLogger("euroute")
 OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
-    Unavailable: "ledger_unavailable",
+    Unavailable: "ledger_unavailable", UpstreamTimeout: "upstream_timeout",
 }
 
 
 def outcome_of(exc: EurouteError) -> str:
+    """The ledger outcome of a failure: always one of record.OUTCOMES, never a code an
+    upstream chose."""
     found = OUTCOMES.get(type(exc))
     if found:
         return found
-    if exc.status == 429:
-        return exc.code or "rate_limited"
-    return exc.code if exc.type == "upstream_error" and exc.code else "upstream_error"
+    if isinstance(exc, RateLimited):  # euroute's own limits; their codes are ours
+        return exc.code if exc.code in RECORD_OUTCOMES else "rate_limit_exceeded"
+    if isinstance(exc, UpstreamError) and exc.status == 429:
+        return "upstream_rate_limited"
+    return "upstream_error"
 
 
 def authenticate(keys: KeyCache, headers: dict[bytes, bytes]) -> Key:
@@ -107,19 +116,10 @@ class Gateway:
         policies = self.policies.current
         decision_id = "dec_" + os.urandom(12).hex()
         reply_headers.append((b"x-euroute-decision-id", decision_id.encode()))
-        row: dict[str, Any] = {
-            "request_id": request_id, "created_at": now, "app": key.app, "key_id": key.id,
-            "end_user": None, "end_user_salt": None, "end_user_commitment": None,
-            "endpoint": endpoint, "model": "", "route": None, "provider": None,
-            "upstream_model": None, "inference_location": None, "storage_location": None,
-            "transfer_mechanism": None, "zdr_reference": None, "dpa_reference": None,
-            "policy": key.policy, "policy_version": policies.version, "enforcement": "enforce",
-            "decision_id": decision_id, "failed_requirements": None, "outcome": "ok",
-            "status": 200, "ttfb_us": None, "prompt_tokens": 0, "completion_tokens": 0,
-            "usage_missing": False, "cost_nanos": 0, "currency": None,
-            "provider_retention_days": None, "provider_copy_gone_on": None,
-            "retain_until": now.date() + dt.timedelta(days=400), "content_stored": False,
-        }
+        row = RequestRecord(
+            request_id=request_id, created_at=now, app=key.app, key_id=key.id,
+            endpoint=endpoint, policy=key.policy, policy_version=policies.version,
+            decision_id=decision_id, retain_until=now.date() + dt.timedelta(days=400))
         decision: dict[str, Any] = {"input": {"app": key.app, "key_id": key.id,
                                               "endpoint": endpoint},
                                     "result": "error", "reasons": []}
@@ -128,18 +128,23 @@ class Gateway:
             policy = policies.policies.get(key.policy)
             if policy is None:
                 raise Forbidden(f"this key's policy {key.policy!r} is not defined any more")
-            row["enforcement"] = policy.enforcement
-            row["retain_until"] = now.date() + dt.timedelta(days=policy.records.retention_days)
+            row.enforcement = policy.enforcement
+            row.retain_until = now.date() + dt.timedelta(days=policy.records.retention_days)
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             request = dialect.parse(body)
             dialect.check_types(request)
-            model = row["model"] = request["model"][:200]
+            model = request["model"]
+            try:
+                row.set(model=model)
+            except ValueError:
+                raise BadRequest("'model' must be at most 200 characters, without NUL",
+                                 param="model", code="invalid_value") from None
             user = headers.get(b"x-euroute-user", b"").decode("latin-1") or request.get("user")
             if isinstance(user, str) and user:
                 pseud = pseudonym(self.pseudonym_key, user)
                 salt = os.urandom(16).hex()
-                row.update(end_user=pseud, end_user_salt=salt,
-                           end_user_commitment=commitment(salt, pseud))
+                row.set(end_user=pseud, end_user_salt=salt,
+                        end_user_commitment=commitment(salt, pseud))
             routes = self._decide(policies, request, endpoint, policy, model, headers, decision,
                                   row)
             if not self.writer.healthy:
@@ -155,25 +160,24 @@ class Gateway:
                                          receive, send, row, reply_headers, started, tried)
             self._account(row, route, policy, usage)
         except EurouteError as exc:
-            row["outcome"] = outcome_of(exc)
-            row["status"] = exc.status
+            row.finish(outcome_of(exc), exc.status)
             await send_error(send, exc, reply_headers)
         except Exception:
             # A bug, not the caller's fault: still one ledger row, and no traceback to the client.
             log.exception("request %s failed", request_id)
-            row["outcome"], row["status"] = "internal_error", 500
+            row.finish("internal_error", 500)
             with contextlib.suppress(RuntimeError):  # the response may have started already
                 await send_error(send, EurouteError("internal error; see x-request-id"),
                                  reply_headers)
         finally:
-            row["decision"] = orjson.dumps(decision).decode()
-            row["latency_us"] = int((time.perf_counter() - started) * 1e6)
-            self.outcomes[row["outcome"]] += 1
+            row.decision = orjson.dumps(decision).decode()
+            row.latency_us = int((time.perf_counter() - started) * 1e6)
+            self.outcomes[row.outcome] += 1
             self.writer.submit(row)
 
     def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,
                 policy: Policy, model: str, headers: dict[bytes, bytes], decision: dict[str, Any],
-                row: dict[str, Any]) -> list[Route]:
+                row: RequestRecord) -> list[Route]:
         """Compliant routes for this request, best first; raises the denial otherwise."""
         narrowing_header = headers.get(b"x-euroute-require")
         try:
@@ -204,7 +208,7 @@ class Gateway:
         if routes:
             decision["result"] = "allow"
             return routes
-        row["failed_requirements"] = ",".join(sorted({r["requirement"] for r in reasons}))[:400]
+        row.set(failed_requirements=",".join(sorted({r["requirement"] for r in reasons}))[:400])
         if policy.enforcement == "dryrun":
             # Evaluate and record the would-be denial, then forward as if allowed.
             fallback = [v.route for v in found.verdicts
@@ -216,7 +220,7 @@ class Gateway:
         raise PolicyViolation(
             f"no route for {model} satisfies policy {policy.name}"
             + (f" narrowed by {', '.join(sorted(narrowing))}" if narrowing else ""),
-            decision_id=row["decision_id"], reasons=reasons)
+            decision_id=row.decision_id, reasons=reasons)
 
     def _worst_case(self, route: Route, request: dict[str, Any], body_bytes: int) -> int:
         out_tokens = (request.get("max_completion_tokens") or request.get("max_tokens")
@@ -224,17 +228,17 @@ class Gateway:
         per_in, per_out = route.pricing.nanos_per_token
         return body_bytes // 4 * per_in + out_tokens * per_out
 
-    def _account(self, row: dict[str, Any], route: Route, policy: Policy,
+    def _account(self, row: RequestRecord, route: Route, policy: Policy,
                  usage: tuple[int, int] | None) -> None:
         if usage is None:
-            row["usage_missing"] = True
+            row.usage_missing = True
             return
         prompt, completion = usage
         per_in, per_out = route.pricing.nanos_per_token
         cost = prompt * per_in + completion * per_out
-        row.update(prompt_tokens=prompt, completion_tokens=completion, cost_nanos=cost)
-        self.rates.spent_tokens(row["key_id"], prompt + completion)
-        self.budgets.spent(row["app"], policy.limits.budget, cost)
+        row.usage(prompt, completion, cost)
+        self.rates.spent_tokens(row.key_id, prompt + completion)
+        self.budgets.spent(row.app, policy.limits.budget, cost)
 
     # -- the rest of the surface ------------------------------------------------------------
 

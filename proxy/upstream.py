@@ -15,6 +15,7 @@ from proxy import dialect
 from proxy.asgi import SSE, Receive, Send, send_json
 from proxy.errors import EurouteError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from proxy.http1 import HTTP1Transport
+from proxy.ledger.record import RequestRecord
 from proxy.policy.load import PolicySet
 from proxy.policy.schema import Route
 from proxy.settings import Settings
@@ -69,23 +70,23 @@ def retryable(exc: EurouteError) -> bool:
     return isinstance(exc, UpstreamTimeout | UpstreamUnavailable)
 
 
-def route_facts(row: dict[str, Any], route: Route, policies: PolicySet) -> None:
+def route_facts(row: RequestRecord, route: Route, policies: PolicySet) -> None:
     """What the ledger must say about where this request's data went."""
     p = route.posture
     standing = policies.standings[route.id]
     days = standing.retention_days
-    row.update(route=route.id, provider=route.provider, upstream_model=route.upstream_model,
-               inference_location=p.inference_location, storage_location=p.storage_location,
-               transfer_mechanism=p.transfer_mechanism, zdr_reference=standing.zdr_reference,
-               dpa_reference=standing.dpa_reference, currency=route.pricing.currency,
-               provider_retention_days=days,
-               provider_copy_gone_on=None if days is None
-               else row["created_at"].date() + dt.timedelta(days=days))
+    row.set(route=route.id, provider=route.provider, upstream_model=route.upstream_model,
+            inference_location=p.inference_location, storage_location=p.storage_location,
+            transfer_mechanism=p.transfer_mechanism, zdr_reference=standing.zdr_reference,
+            dpa_reference=standing.dpa_reference, currency=route.pricing.currency,
+            provider_retention_days=days)
+    row.provider_copy_gone_on = (None if days is None
+                                 else row.created_at.date() + dt.timedelta(days=days))
 
 
 async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
                   request: dict[str, Any], endpoint: str, receive: Receive, send: Send,
-                  row: dict[str, Any], reply_headers: list[tuple[bytes, bytes]], started: float,
+                  row: RequestRecord, reply_headers: list[tuple[bytes, bytes]], started: float,
                   tried: list[str]) -> tuple[Route, tuple[int, int] | None]:
     """Send to the first route that answers and relay its answer; (route, usage) or raise.
 
@@ -112,7 +113,7 @@ async def forward(upstream: Upstream, policies: PolicySet, routes: list[Route],
             if retryable(last_error):
                 continue
             raise last_error from None
-        row["ttfb_us"] = int((time.perf_counter() - started) * 1e6)
+        row.ttfb_us = int((time.perf_counter() - started) * 1e6)
         answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
         try:
             if response.status_code >= 400:
@@ -154,7 +155,7 @@ async def _relay_json(send: Send, raw: bytes, request: dict[str, Any], endpoint:
 
 
 async def _relay_stream(receive: Receive, send: Send, response: httpx.Response,
-                        request: dict[str, Any], row: dict[str, Any],
+                        request: dict[str, Any], row: RequestRecord,
                         reply_headers: list[tuple[bytes, bytes]]) -> tuple[int, int] | None:
     options = request.get("stream_options")
     relay = dialect.StreamRelay(isinstance(options, dict) and options.get("include_usage") is True)
@@ -165,16 +166,16 @@ async def _relay_stream(receive: Receive, send: Send, response: httpx.Response,
     try:
         async for chunk in response.stream:  # type: ignore[union-attr]
             if gone.done():
-                row["outcome"], row["status"] = "client_cancelled", 499
+                row.outcome, row.status = "client_cancelled", 499
                 break
             out = relay.feed(chunk)
             if out:
                 await send({"type": "http.response.body", "body": out, "more_body": True})
         else:
             if not relay.done:
-                row["outcome"], row["status"] = "stream_cut", 502
+                row.finish("stream_cut", 502)
     except httpx.HTTPError:
-        row["outcome"], row["status"] = "stream_cut", 502
+        row.finish("stream_cut", 502)
     finally:
         gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -11,12 +11,13 @@ from typing import Any
 from sqlalchemy.pool import NullPool
 
 from proxy.ledger.db import make_engine
+from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 
 ROUTE = "mistral-eu-magistral-small"
 
 
-def made_row(app: str, **overrides: Any) -> dict[str, Any]:
+def made_row(app: str, **overrides: Any) -> RequestRecord:
     """A forwarded, answered request on the Mistral route, as the gateway would record it."""
     now = overrides.pop("created_at", dt.datetime.now(dt.UTC))
     row: dict[str, Any] = {
@@ -36,10 +37,10 @@ def made_row(app: str, **overrides: Any) -> dict[str, Any]:
         "retain_until": now.date() + dt.timedelta(days=400), "content_stored": False,
     }
     row.update(overrides)
-    return row
+    return RequestRecord(**row)
 
 
-async def write(url: str, rows: list[dict[str, Any]]) -> str:
+async def write(url: str, rows: list[RequestRecord]) -> str:
     """Write `rows` as one new writer's chain; returns its writer id."""
     engine = make_engine(url, poolclass=NullPool)
     try:

@@ -330,9 +330,9 @@ def test_transfers_list_every_request_that_left_the_eea(proxy: Proxy, api: Api,
     run(write(proxy.settings.database_url, rows))
     found = api.get("/v1/audit/transfers", auditor, app=app).json()
     assert (found["checked"], found["outside_eea"], found["truncated"]) == (4, 3, False)
-    assert [r["request_id"] for r in found["data"]] == [rows[i]["request_id"] for i in (0, 2, 3)]
+    assert [r["request_id"] for r in found["data"]] == [rows[i].request_id for i in (0, 2, 3)]
     assert found["data"][0]["policy"] == "lax"
-    assert found["data"][0]["decision_id"] == rows[0]["decision_id"]
+    assert found["data"][0]["decision_id"] == rows[0].decision_id
     assert found["data"][0]["inference_location"] == "US"
     short = api.get("/v1/audit/transfers", auditor, app=app, limit=2).json()
     assert short["truncated"] is True and len(short["data"]) == 2

@@ -320,3 +320,13 @@ def test_httpx_transport_relays_answers_streams_errors_and_timeouts(
         r = httpx.post(f"{server.url}/chat/completions", json={"model": MODEL, "messages": HELLO},
                        headers={"authorization": f"Bearer {key}"}, timeout=10)
         assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize("model", ["m" * 201, "magistral\x00small"])
+def test_model_the_ledger_cannot_hold_is_400_and_recorded(proxy: Proxy, http: httpx.Client,
+                                                         model: str) -> None:
+    r = http.post("/chat/completions", json={"model": model, "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+    row = proxy.row(r.headers["x-request-id"])
+    assert (row["outcome"], row["model"]) == ("invalid_request", "")

@@ -18,7 +18,7 @@ from sqlalchemy.pool import NullPool
 
 from proxy.cli import main
 from proxy.ledger import queries
-from proxy.ledger.chain import HASHED, canonical
+from proxy.ledger.chain import HASHED, canonical, record_hash, row_hash
 from proxy.ledger.db import make_engine
 from proxy.ledger.tables import ledger
 from proxy.ledger.writer import Writer
@@ -409,7 +409,32 @@ def test_budget_period_ends_at_next_period_start(period: str, start: dt.datetime
 
 def test_canonical_form_is_sorted_key_json() -> None:
     # Stored hashes depend on these exact bytes: sorted-key JSON of the hashed columns.
-    row = {**made_row("canon"), "writer_id": "w", "seq": 1, "prev_hash": "0" * 64}
+    record = made_row("canon", writer_id="w", seq=1, prev_hash="0" * 64)
+    row = record.as_dict()
     expected = orjson.dumps({k: row[k] for k in HASHED}, option=orjson.OPT_SORT_KEYS)
     assert canonical(row) == expected
     assert list(orjson.loads(expected)) == sorted(orjson.loads(expected))
+    # The writer hashes the record itself; a verifier hashes the row read back: same bytes.
+    assert record_hash("0" * 64, record) == row_hash("0" * 64, row)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("model", "m" * 201), ("model", "gpt\x00"), ("prompt_tokens", -1),
+    ("prompt_tokens", 2**31), ("cost_nanos", 2**63), ("completion_tokens", True),
+])
+def test_record_refuses_values_the_database_cannot_take(field: str, value: object) -> None:
+    record = made_row("bounds")
+    with pytest.raises(ValueError, match=field):
+        record.set(**{field: value})
+    with pytest.raises(ValueError, match=field):
+        made_row("bounds", **{field: value})
+
+
+def test_record_outcomes_are_a_closed_set() -> None:
+    record = made_row("closed")
+    with pytest.raises(ValueError, match="outcome"):
+        record.finish("rate_limit_exceeded_by_upstream_with_a_very_long_code", 429)
+    with pytest.raises(ValueError, match="status"):
+        record.finish("upstream_error", 999)
+    record.finish("upstream_rate_limited", 429)
+    assert (record.outcome, record.status) == ("upstream_rate_limited", 429)

@@ -101,7 +101,7 @@ def test_purge_leaves_tombstones_and_the_rest_still_verifies(fresh: Ledger) -> N
     assert _verify(fresh.url)["ok"] is True
     counts = run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
     assert counts == {fresh.mixed: 3, fresh.expired: 3}
-    assert fresh.request_ids() == [fresh.mixed_rows[i]["request_id"] for i in fresh.keep]
+    assert fresh.request_ids() == [fresh.mixed_rows[i].request_id for i in fresh.keep]
     stones = run(_run(fresh.url, _tombstones))
     assert stones == {(fresh.mixed, 1), (fresh.mixed, 4), (fresh.mixed, 7),
                       (fresh.expired, 1), (fresh.expired, 2), (fresh.expired, 3)}
@@ -118,7 +118,7 @@ async def _tombstones(engine: Any) -> set[tuple[str, int]]:
 
 def test_tampering_is_still_caught_after_a_purge(fresh: Ledger, tmp_path: Path) -> None:
     run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
-    third = fresh.mixed_rows[2]["request_id"]  # seq 3, between the tombstones of 1 and 4
+    third = fresh.mixed_rows[2].request_id  # seq 3, between the tombstones of 1 and 4
     _execute(fresh.url, update(ledger).where(ledger.c.request_id == third).values(cost_nanos=1))
     found = _verify(fresh.url)
     assert found["ok"] is False and found["finding"].startswith("altered")
@@ -135,7 +135,7 @@ def test_tampering_is_still_caught_after_a_purge(fresh: Ledger, tmp_path: Path) 
 
 def test_a_row_deleted_without_a_tombstone_is_caught_after_a_purge(fresh: Ledger) -> None:
     run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
-    sixth = fresh.mixed_rows[5]["request_id"]
+    sixth = fresh.mixed_rows[5].request_id
     _execute(fresh.url, delete(ledger).where(ledger.c.request_id == sixth))
     found = _verify(fresh.url)
     assert found["ok"] is False and found["finding"].startswith("missing")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import operator
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from proxy.ledger.record import RequestRecord
 from proxy.ledger.tables import ledger
 
 GENESIS = "0" * 64
@@ -25,12 +27,21 @@ UNHASHED = frozenset({"id", "end_user", "end_user_salt", "row_hash"})
 HASHED = tuple(sorted(str(c.name) for c in ledger.columns if c.name not in UNHASHED))
 
 
+_hashed_of = operator.attrgetter(*HASHED)
+
+
 def canonical(row: Mapping[str, Any]) -> bytes:
     return orjson.dumps({k: row[k] for k in HASHED})
 
 
 def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
     return hashlib.sha256(prev_hash.encode() + canonical(row)).hexdigest()
+
+
+def record_hash(prev_hash: str, record: RequestRecord) -> str:
+    """`row_hash` of a record before it is a row: the same canonical bytes."""
+    values = orjson.dumps(dict(zip(HASHED, _hashed_of(record), strict=True)))
+    return hashlib.sha256(prev_hash.encode() + values).hexdigest()
 
 
 def commitment(salt: str, pseudonym: str) -> str:

@@ -25,20 +25,21 @@ from typing import Any
 from sqlalchemy import Date, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from proxy.ledger.chain import GENESIS, row_hash
+from proxy.ledger.chain import GENESIS, record_hash
+from proxy.ledger.record import RequestRecord
 from proxy.ledger.tables import UTCDateTime, api_keys, chains, ledger
 
 log = logging.getLogger("euroute.ledger")
 _COLS = [c for c in ledger.columns if c.name != "id"]
 COLUMNS = tuple(str(c.name) for c in _COLS)
-_pick = operator.itemgetter(*COLUMNS)
+_pick = operator.attrgetter(*COLUMNS)
 _TIMES = [i for i, c in enumerate(_COLS) if isinstance(c.type, UTCDateTime)]
 _DATES = [i for i, c in enumerate(_COLS) if isinstance(c.type, Date)]
 _SQLITE_INSERT = (f"INSERT INTO ledger ({', '.join(COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(COLUMNS))})")
 
 
-def _records(batch: list[dict[str, Any]], sqlite: bool) -> list[tuple[Any, ...]]:
+def _records(batch: list[RequestRecord], sqlite: bool) -> list[tuple[Any, ...]]:
     """Rows as value lists, times as naive UTC: SQLite gets the text forms SQLAlchemy's
     dialect stores and parses back, asyncpg the objects its binary COPY takes."""
     out = []
@@ -56,7 +57,7 @@ def _records(batch: list[dict[str, Any]], sqlite: bool) -> list[tuple[Any, ...]]
     return out
 
 
-async def _insert(conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
+async def _insert(conn: AsyncConnection, batch: list[RequestRecord]) -> None:
     """Insert a batch by the fastest path each database has: SQLAlchemy's per-row parameter
     processing costs more than everything else the writer does (bench/ledger.py)."""
     dialect = conn.dialect.name
@@ -67,7 +68,7 @@ async def _insert(conn: AsyncConnection, batch: list[dict[str, Any]]) -> None:
         await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
             "ledger", columns=COLUMNS, records=_records(batch, sqlite=False))
     else:
-        await conn.execute(insert(ledger), batch)
+        await conn.execute(insert(ledger), [row.as_dict() for row in batch])
 
 
 class Writer:
@@ -88,7 +89,7 @@ class Writer:
         self.waits = 0
         self._failing = False
         self._progress = asyncio.Event()
-        self._buffer: deque[dict[str, Any]] = deque()
+        self._buffer: deque[RequestRecord] = deque()
         self._key_use: dict[str, dt.datetime] = {}
         self._wake = asyncio.Event()
         self._full = asyncio.Event()
@@ -97,7 +98,7 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
-    def submit(self, row: dict[str, Any]) -> None:
+    def submit(self, row: RequestRecord) -> None:
         if not self._buffer:
             self._oldest_waiting = time.monotonic()
         self._buffer.append(row)
@@ -182,30 +183,30 @@ class Writer:
             self._oldest_waiting = time.monotonic() if self._buffer else None
             self._progress.set()
 
-    def _chain(self, n: int) -> list[dict[str, Any]]:
+    def _chain(self, n: int) -> list[RequestRecord]:
         """Give the next n buffered rows their place in this writer's chain (once only)."""
         batch = []
         for i in range(n):
             row = self._buffer[i]
-            if "row_hash" not in row:
+            if row.row_hash is None:
                 self.seq += 1
-                row["writer_id"] = self.writer_id
-                row["seq"] = self.seq
-                row["prev_hash"] = self.last_hash
-                row["row_hash"] = self.last_hash = row_hash(self.last_hash, row)
+                row.writer_id = self.writer_id
+                row.seq = self.seq
+                row.prev_hash = self.last_hash
+                row.row_hash = self.last_hash = record_hash(self.last_hash, row)
             batch.append(row)
         return batch
 
-    async def _write(self, batch: list[dict[str, Any]]) -> None:
+    async def _write(self, batch: list[RequestRecord]) -> None:
         now = dt.datetime.now(dt.UTC)
         used, self._key_use = self._key_use, {}
         try:
             async with self.engine.begin() as conn:
                 if batch:
                     await _insert(conn, batch)
-                    head = {"last_seq": batch[-1]["seq"], "last_hash": batch[-1]["row_hash"],
+                    head = {"last_seq": batch[-1].seq, "last_hash": batch[-1].row_hash,
                             "updated_at": now}
-                    if batch[0]["seq"] == 1:
+                    if batch[0].seq == 1:
                         await conn.execute(insert(chains).values(
                             writer_id=self.writer_id, started_at=self._started, **head))
                     else:
