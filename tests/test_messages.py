@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import anthropic
+import httpx
 import orjson
 import pytest
 from anthropic.types import Message, RawMessageStreamEvent
@@ -13,6 +15,8 @@ from pydantic import TypeAdapter
 from proxy.dialects import mistral
 from proxy.errors import BadRequest, PolicyViolation, RateLimited
 from proxy.surfaces import messages
+from tests.conftest import Proxy
+from tests.fake_mistral import FakeMistral
 from tests.test_responses import USAGE, chunk, events_of
 from tests.test_vision import PDF, PNG
 
@@ -130,3 +134,67 @@ def test_stream_follows_anthropics_event_sequence() -> None:
     delta = events[-2][1]
     assert delta["delta"]["stop_reason"] == "tool_use"
     assert delta["usage"] == {"input_tokens": 9, "output_tokens": 4}
+
+
+# -- end to end: the anthropic SDK -> euroute -> the fake -----------------------------------
+
+
+def test_messages_create_with_thinking_tools_and_ledger(proxy: Proxy, app_key: str,
+                                                        fake: FakeMistral) -> None:
+    claude = anthropic.Anthropic(base_url=proxy.origin, api_key=app_key)  # sends x-api-key
+    fake.answer_next("Hello there.", thinking="Greet back.", usage=(12, 5))
+    raw = claude.messages.with_raw_response.create(
+        model=MODEL, max_tokens=100, system="Be kind.", stop_sequences=["###"],
+        messages=[{"role": "user", "content": "Hi"}])
+    message = raw.parse()
+    assert [b.type for b in message.content] == ["thinking", "text"]
+    assert message.content[1].text == "Hello there."  # type: ignore[union-attr]
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (12, 5)
+    assert message.stop_reason == "end_turn"
+    assert fake.last.json["stop"] == ["###"] and fake.last.json["max_tokens"] == 100
+    row = proxy.row(raw.headers["x-request-id"])
+    assert (row["endpoint"], row["outcome"], row["completion_tokens"]) == ("messages", "ok", 5)
+
+    tool = {"name": "weather", "description": "Weather", "input_schema": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}
+    fake.answer_next("", tool_calls=[{"id": "call_3", "name": "weather",
+                                      "arguments": '{"city": "Nice"}'}])
+    used = claude.messages.create(model=MODEL, max_tokens=100, tools=[tool],  # type: ignore[list-item]
+                                  messages=[{"role": "user", "content": "Weather in Nice?"}])
+    call = used.content[-1]
+    assert used.stop_reason == "tool_use" and call.type == "tool_use"
+    assert call.input == {"city": "Nice"}
+    fake.answer_next("Sunny in Nice.")
+    # The key in Authorization works too.
+    bearer = anthropic.Anthropic(base_url=proxy.origin, auth_token=app_key)
+    done = bearer.messages.create(model=MODEL, max_tokens=100, tools=[tool],  # type: ignore[list-item]
+                                  messages=[
+        {"role": "user", "content": "Weather in Nice?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": call.id,
+                                           "name": "weather", "input": {"city": "Nice"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                      "content": "sunny"}]}])
+    assert done.content[-1].text == "Sunny in Nice."  # type: ignore[union-attr]
+    assert fake.last.json["messages"][-1]["role"] == "tool"
+
+
+def test_messages_stream(proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
+    claude = anthropic.Anthropic(base_url=proxy.origin, api_key=app_key)
+    fake.answer_next("Streamed reply.", thinking="Think, then answer.")
+    with claude.messages.stream(model=MODEL, max_tokens=100,
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Streamed reply."
+    assert [b.type for b in final.content] == ["thinking", "text"]
+    assert final.content[0].thinking == "Think, then answer."  # type: ignore[union-attr]
+    assert final.usage.output_tokens == 13 and final.usage.input_tokens == 21
+
+
+def test_messages_without_max_tokens_is_refused_in_anthropics_shape(
+        proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
+    r = httpx.post(f"{proxy.url}/messages", headers={"x-api-key": app_key}, timeout=30,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})
+    assert r.status_code == 400
+    assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
+    assert fake.received == []

@@ -7,10 +7,14 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import openai
 import orjson
+from mistralai.client import Mistral
+from pydantic import BaseModel
 
 from proxy.dialects import mistral
 from proxy.surfaces import chat
+from tests.conftest import Proxy
 from tests.fake_mistral import FakeMistral
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -86,3 +90,72 @@ def test_fake_mistral_answers_scripts_in_magistrals_shape(fake: FakeMistral) -> 
         # The script still needs a valid request: Mistral's 422 comes back unchanged.
         fake.answer_next("never")
         assert http.post("/chat/completions", json={**body, "seed": 1}).status_code == 422
+
+
+# -- end to end: real SDKs -> euroute -> the fake answering as Magistral ------------------------
+
+MODEL = "magistral-small-2509"
+
+
+def test_openai_sdk_gets_text_and_reasoning_content(proxy: Proxy, app_key: str,
+                                                     fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    fake.answer_next("Paris.", thinking="The capital of France.")
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO)
+    message = reply.choices[0].message
+    assert message.content == "Paris."
+    assert message.reasoning_content == "The capital of France."  # type: ignore[attr-defined]
+    assert reply.usage is not None and reply.usage.completion_tokens == 13
+
+
+def test_openai_sdk_stream_accumulates_with_plus_equals(proxy: Proxy, app_key: str,
+                                                        fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    fake.answer_next("A streamed answer.", thinking="Think it through first.")
+    text, thinking = "", ""
+    with client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=HELLO, stream=True,
+            stream_options={"include_usage": True}) as raw:
+        request_id = raw.headers["x-request-id"]
+        chunks = list(raw.parse())
+    for chunk in chunks:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content  # a string on every delta: no TypeError
+            thinking += getattr(chunk.choices[0].delta, "reasoning_content", None) or ""
+    assert text == "A streamed answer." and thinking == "Think it through first."
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 13
+    row = proxy.row(request_id)
+    assert (row["outcome"], row["endpoint"], row["completion_tokens"]) == ("ok", "chat", 13)
+
+
+class City(BaseModel):
+    name: str
+    country: str
+
+
+def test_openai_sdk_parse_reads_json_after_a_thinking_chunk(proxy: Proxy, app_key: str,
+                                                           fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    fake.answer_next('{"name": "Paris", "country": "France"}',
+                     thinking="They want JSON with name and country.")
+    parsed = client.chat.completions.parse(model=MODEL, messages=HELLO, response_format=City)
+    assert parsed.choices[0].message.parsed == City(name="Paris", country="France")
+    assert fake.last.json["response_format"]["type"] == "json_schema"
+
+
+def test_native_header_returns_mistrals_chunks_and_the_mistralai_sdk_reads_both(
+        proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
+    fake.answer_next("Bonjour.", thinking="French greeting.")
+    with httpx.Client(timeout=30, headers={"x-euroute-reasoning": "native"}) as http:
+        native = Mistral(api_key=app_key, server_url=proxy.origin, client=http)
+        reply = native.chat.complete(model=MODEL, messages=HELLO)
+    content = reply.choices[0].message.content
+    assert isinstance(content, list) and [c.type for c in content] == ["thinking", "text"]
+    assert content[1].text == "Bonjour."  # type: ignore[union-attr]
+    fake.answer_next("Salut.", thinking="Informal.")
+    plain = Mistral(api_key=app_key, server_url=proxy.origin)
+    assert plain.chat.complete(model=MODEL, messages=HELLO).choices[0].message.content == "Salut."
+    fake.answer_next("Streamed.", thinking="Hmm.")
+    events = list(plain.chat.stream(model=MODEL, messages=HELLO))
+    assert "".join(e.data.choices[0].delta.content or "" for e in events
+                   if e.data.choices) == "Streamed."

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
 import orjson
 import pytest
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from proxy.dialects import mistral
-from proxy.errors import BadRequest
+from proxy.errors import BadRequest, UpstreamUnavailable
 from proxy.surfaces import responses
+from tests.conftest import Proxy
+from tests.fake_mistral import FakeMistral
 
 MODEL = "magistral-small-2509"
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
@@ -142,9 +145,68 @@ def test_stream_of_tool_calls_and_a_cut() -> None:
     final = Response.model_validate(events[-1][1]["response"])
     assert final.output[0].arguments == '{"a": 1}'  # type: ignore[union-attr]
 
-    from proxy.errors import UpstreamUnavailable
     cut = responses.parse({"model": MODEL, "input": "hi", "stream": True}, {}).stream()
     cut.feed(chunk({"content": "Hel"}))
     name, data = events_of(cut.fail(UpstreamUnavailable("upstream stream ended")))[-1]
     assert name == "response.failed" and data["response"]["status"] == "failed"
     assert EVENT.validate_python(data).type == "response.failed"
+
+
+# -- end to end: the openai SDK's Responses client -> euroute -> the fake --------------------
+
+
+def test_responses_create_with_reasoning_usage_and_ledger(proxy: Proxy, app_key: str,
+                                                          fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    fake.answer_next("Forty-two.", thinking="Recall the answer.", usage=(30, 7))
+    raw = client.responses.with_raw_response.create(
+        model=MODEL, instructions="Be brief.", input="The answer?", max_output_tokens=64)
+    response = raw.parse()
+    assert response.output_text == "Forty-two."
+    assert [o.type for o in response.output] == ["reasoning", "message"]
+    assert response.usage is not None and response.usage.input_tokens == 30
+    sent = fake.last.json
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert sent["max_tokens"] == 64 and "store" not in sent
+    row = proxy.row(raw.headers["x-request-id"])
+    assert (row["endpoint"], row["outcome"], row["prompt_tokens"]) == ("responses", "ok", 30)
+    assert row["decision_id"] == raw.headers["x-euroute-decision-id"]
+    assert raw.headers["x-euroute-route"] == "mistral-eu-magistral-small"
+
+
+def test_responses_stream_and_function_call_round_trip(proxy: Proxy, app_key: str,
+                                                       fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    fake.answer_next("Streaming along.", thinking="Let me think.")
+    with client.responses.stream(model=MODEL, input="Go") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == "Streaming along." == final.output_text
+    assert final.usage is not None and final.usage.output_tokens == 13
+
+    tool = {"type": "function", "name": "weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    fake.answer_next("", tool_calls=[{"id": "call_7", "name": "weather",
+                                      "arguments": '{"city": "Lyon"}'}])
+    first = client.responses.create(model=MODEL, input="Weather in Lyon?", tools=[tool])
+    call = next(o for o in first.output if o.type == "function_call")
+    assert (call.call_id, call.arguments) == ("call_7", '{"city": "Lyon"}')
+    fake.answer_next("Sunny in Lyon.")
+    second = client.responses.create(model=MODEL, tools=[tool], input=[
+        {"role": "user", "content": "Weather in Lyon?"},
+        {"type": "function_call", "call_id": "call_7", "name": "weather",
+         "arguments": '{"city": "Lyon"}'},
+        {"type": "function_call_output", "call_id": "call_7", "output": "sunny"}])
+    assert second.output_text == "Sunny in Lyon."
+    assert fake.last.json["messages"][-1] == {"role": "tool", "tool_call_id": "call_7",
+                                              "content": "sunny"}
+
+
+def test_responses_refuses_stored_state(proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_123")
+    assert caught.value.body["param"] == "previous_response_id"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, input="hi", store=True)
+    assert fake.received == []

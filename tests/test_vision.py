@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import openai
 import pytest
 
 from proxy import dialect, dialects
 from proxy.errors import BadRequest
+from tests.conftest import Proxy
+from tests.fake_mistral import FakeMistral
 from tests.test_dialects import MISTRAL, SELFHOSTED
 
 PNG = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4"
@@ -69,3 +72,37 @@ def test_images_only_in_user_messages() -> None:
     with pytest.raises(BadRequest, match="not supported in a system message"):
         dialect.chat({"model": "m", "messages": [{"role": "system", "content": [
             {"type": "image_url", "image_url": {"url": PNG}}]}]})
+
+
+# -- end to end: the openai SDK -> euroute -> the fake ---------------------------------------
+
+
+def test_images_reach_the_vision_route_intact(proxy: Proxy, app_key: str,
+                                              fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    parts: list[Any] = [
+        {"type": "text", "text": "Compare these."},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg", "detail": "high"}},
+        {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}}]
+    fake.answer_next("Two images.", thinking="Look at both.")
+    reply = client.chat.completions.create(model="magistral-small-2509",
+                                           messages=[{"role": "user", "content": parts}])
+    assert reply.choices[0].message.content == "Two images."
+    assert fake.last.json["messages"][0]["content"] == parts
+
+
+def test_documents_need_a_route_that_reads_them_and_file_ids_are_refused(
+        proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    pdf = {"type": "file", "file": {"file_data": f"data:application/pdf;base64,{PDF}",
+                                    "filename": "terms.pdf"}}
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        client.chat.completions.create(model="magistral-small-2509", messages=[
+            {"role": "user", "content": [{"type": "text", "text": "Summarise"}, pdf]}])
+    assert {"route": "mistral-eu-magistral-small", "requirement": "capabilities",
+            "message": "route lacks documents"} in denied.value.body["reasons"]  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="magistral-small-2509", messages=[
+            {"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}])
+    assert "file_id" in refused.value.message
+    assert fake.received == []
