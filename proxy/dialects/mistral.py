@@ -71,7 +71,7 @@ def split(content: Any) -> tuple[str | None, str | None]:
     return "".join(text), "".join(thinking) if thinking else None
 
 
-def _fold(message: dict[str, Any]) -> None:
+def fold(message: Any) -> None:
     if not isinstance(message, dict) or not isinstance(message.get("content"), list):
         return
     text, thinking = split(message["content"])
@@ -83,12 +83,12 @@ def _fold(message: dict[str, Any]) -> None:
 def answer(completion: dict[str, Any]) -> dict[str, Any]:
     for choice in completion.get("choices") or ():
         if isinstance(choice, dict):
-            _fold(choice.get("message"))
+            fold(choice.get("message"))
     return completion
 
 
 def chunk(event: dict[str, Any]) -> dict[str, Any]:
     for choice in event.get("choices") or ():
         if isinstance(choice, dict):
-            _fold(choice.get("delta"))
+            fold(choice.get("delta"))
     return event

@@ -1,14 +1,15 @@
 """OpenAI's chat API as self-hosted servers speak it (vLLM, TGI, llama.cpp running the open
 weights): OpenAI names, no Mistral-only fields (`random_seed`, `safe_prompt`, `prompt_mode`),
 which such servers reject. Thinking arrives as `reasoning_content` (or vLLM's newer
-`reasoning`), which is the internal shape already.
+`reasoning`), which is the internal shape already; a server that passes Mistral's content chunks through
+is folded as the mistral dialect does.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from proxy.dialects import copy_fields
+from proxy.dialects import copy_fields, mistral
 
 PARAMETERS = frozenset({
     "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n",
@@ -29,6 +30,7 @@ def body(request: dict[str, Any], model: str) -> dict[str, Any]:
 
 
 def _fold(message: Any) -> None:
+    mistral.fold(message)  # a server relaying Mistral's content chunks as they are
     if isinstance(message, dict) and "reasoning" in message:
         reasoning = message.pop("reasoning")
         if reasoning is not None and message.get("reasoning_content") is None:

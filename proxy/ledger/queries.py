@@ -20,7 +20,7 @@ from proxy.ledger.chain import first_fault
 from proxy.ledger.tables import chains, ledger, tombstones
 
 FILTERS = ("app", "model", "route", "policy", "outcome")
-GROUPS = ("app", "model", "route", "day", "month", "policy", "outcome")
+GROUPS = ("app", "model", "route", "day", "month", "policy", "outcome", "endpoint")
 DECISION_GROUPS = ("policy", "requirement", "app", "model", "route", "day", "month")
 NANO = Decimal(1_000_000_000)
 # Raw rows leave the database without the pseudonym's salt: with it, anyone holding a list of
