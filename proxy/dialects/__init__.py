@@ -16,6 +16,7 @@ Adding a dialect is one module here and its name in schema.Route.dialect.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -49,6 +50,15 @@ def chat_body(request: dict[str, Any], route: Route) -> dict[str, Any]:
                          f"{', '.join(missing)}; leave them out or ask for another model",
                          param=missing[0], code="unsupported_parameter")
     return of(route).body(request, route.upstream_model)
+
+
+def fold_choices(data: dict[str, Any], key: str, fold: Callable[[Any], None]
+                 ) -> dict[str, Any]:
+    """Applies `fold` to each choice's `message` or `delta` (the `key`), in place."""
+    for choice in data.get("choices") or ():
+        if isinstance(choice, dict):
+            fold(choice.get(key))
+    return data
 
 
 def copy_fields(request: dict[str, Any], model: str, names: dict[str, str]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.dialects import copy_fields
+from proxy.dialects import copy_fields, fold_choices
 
 PARAMETERS = frozenset({
     "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n",
@@ -81,14 +81,8 @@ def fold(message: Any) -> None:
 
 
 def answer(completion: dict[str, Any]) -> dict[str, Any]:
-    for choice in completion.get("choices") or ():
-        if isinstance(choice, dict):
-            fold(choice.get("message"))
-    return completion
+    return fold_choices(completion, "message", fold)
 
 
 def chunk(event: dict[str, Any]) -> dict[str, Any]:
-    for choice in event.get("choices") or ():
-        if isinstance(choice, dict):
-            fold(choice.get("delta"))
-    return event
+    return fold_choices(event, "delta", fold)

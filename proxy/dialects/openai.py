@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.dialects import copy_fields, mistral
+from proxy.dialects import copy_fields, fold_choices, mistral
 
 PARAMETERS = frozenset({
     "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n",
@@ -38,14 +38,8 @@ def _fold(message: Any) -> None:
 
 
 def answer(completion: dict[str, Any]) -> dict[str, Any]:
-    for choice in completion.get("choices") or ():
-        if isinstance(choice, dict):
-            _fold(choice.get("message"))
-    return completion
+    return fold_choices(completion, "message", _fold)
 
 
 def chunk(event: dict[str, Any]) -> dict[str, Any]:
-    for choice in event.get("choices") or ():
-        if isinstance(choice, dict):
-            _fold(choice.get("delta"))
-    return event
+    return fold_choices(event, "delta", _fold)

@@ -37,6 +37,54 @@ class Exchange(Protocol):
     def stream(self) -> Stream: ...
 
 
+class ChunkStream:
+    """A stream rendered from chat chunks: keeps usage and the finish reason, and hands the
+    pieces of each delta on in order (thinking, text, tool calls) to the subclass."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.usage: Any = None
+        self.finish: str | None = None
+
+    def begin(self) -> bytes:
+        """The events that open the stream, once."""
+        raise NotImplementedError
+
+    def thinking(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def text(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def tool_call(self, call: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def opened(self) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        return self.begin()
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        out = self.opened()
+        if chunk.get("usage") is not None:
+            self.usage = chunk["usage"]
+        choice = first_choice(chunk)
+        if choice is None:
+            return out
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
+        delta = choice.get("delta") or {}
+        thinking, text = delta.get("reasoning_content"), delta.get("content")
+        if isinstance(thinking, str) and thinking:
+            out += self.thinking(thinking)
+        if isinstance(text, str) and text:
+            out += self.text(text)
+        for call in tool_call_deltas(delta):
+            out += self.tool_call(call)
+        return out
+
+
 def sse(event: str, data: dict[str, Any]) -> bytes:
     """One named server-sent event (Responses and Messages name theirs)."""
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"

@@ -16,7 +16,7 @@ import orjson
 
 from proxy import dialect
 from proxy.errors import BadRequest, EurouteError, PolicyViolation
-from proxy.surfaces import first_choice, sse, tool_call_deltas, usage_pair
+from proxy.surfaces import ChunkStream, first_choice, sse, tool_call_deltas, usage_pair
 
 ENDPOINT = "messages"
 _RENAMED = {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature",
@@ -245,22 +245,19 @@ class MessagesExchange:
         return MessagesStream(self)
 
 
-class MessagesStream:
+class MessagesStream(ChunkStream):
     """Chat chunks in, Anthropic's event sequence out: message_start, per block
     content_block_start / content_block_delta / content_block_stop, then message_delta (stop
     reason and usage) and message_stop."""
 
     def __init__(self, exchange: MessagesExchange) -> None:
+        super().__init__()
         self.exchange = exchange
-        self.started = False
         self.block: str | None = None  # the open block's type
         self.index = -1
         self.calls: set[int] = set()
-        self.usage: Any = None
-        self.finish: str | None = None
 
-    def _start(self) -> bytes:
-        self.started = True
+    def begin(self) -> bytes:
         message = {"id": self.exchange.id, "type": "message", "role": "assistant",
                    "model": self.exchange.request["model"], "content": [],
                    "stop_reason": None, "stop_sequence": None,
@@ -284,41 +281,30 @@ class MessagesStream:
         return sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
                                            "delta": delta})
 
-    def feed(self, chunk: dict[str, Any]) -> bytes:
-        out = b"" if self.started else self._start()
-        if chunk.get("usage") is not None:
-            self.usage = chunk["usage"]
-        choice = first_choice(chunk)
-        if choice is None:
-            return out
-        if choice.get("finish_reason"):
-            self.finish = choice["finish_reason"]
-        delta = choice.get("delta") or {}
-        thinking, text = delta.get("reasoning_content"), delta.get("content")
-        if isinstance(thinking, str) and thinking:
-            if self.block != "thinking":
-                out += self._open("thinking", {"type": "thinking", "thinking": "",
-                                               "signature": ""})
-            out += self._delta({"type": "thinking_delta", "thinking": thinking})
-        if isinstance(text, str) and text:
-            if self.block != "text":
-                out += self._open("text", {"type": "text", "text": ""})
-            out += self._delta({"type": "text_delta", "text": text})
-        for call in tool_call_deltas(delta):
-            index = call.get("index", len(self.calls))
-            function = call.get("function") or {}
-            if index not in self.calls:
-                self.calls.add(index)
-                out += self._open("tool_use", {
-                    "type": "tool_use", "id": call.get("id") or f"toolu_{index}",
-                    "name": function.get("name") or "", "input": {}})
-            if isinstance(function.get("arguments"), str) and function["arguments"]:
-                out += self._delta({"type": "input_json_delta",
-                                    "partial_json": function["arguments"]})
+    def thinking(self, text: str) -> bytes:
+        out = b""
+        if self.block != "thinking":
+            out = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+        return out + self._delta({"type": "thinking_delta", "thinking": text})
+
+    def text(self, text: str) -> bytes:
+        out = b"" if self.block == "text" else self._open("text", {"type": "text", "text": ""})
+        return out + self._delta({"type": "text_delta", "text": text})
+
+    def tool_call(self, call: dict[str, Any]) -> bytes:
+        index = call.get("index", len(self.calls))
+        function = call.get("function") or {}
+        out = b""
+        if index not in self.calls:
+            self.calls.add(index)
+            out = self._open("tool_use", {"type": "tool_use", "id": call.get("id") or f"toolu_{index}",
+                                          "name": function.get("name") or "", "input": {}})
+        if isinstance(function.get("arguments"), str) and function["arguments"]:
+            out += self._delta({"type": "input_json_delta", "partial_json": function["arguments"]})
         return out
 
     def close(self) -> bytes:
-        out = b"" if self.started else self._start()
+        out = self.opened()
         if self.index < 0:  # an empty answer still has one text block
             out += self._open("text", {"type": "text", "text": ""})
         out += self._stop()
@@ -329,5 +315,4 @@ class MessagesStream:
         return out + sse("message_stop", {"type": "message_stop"})
 
     def fail(self, exc: EurouteError) -> bytes:
-        out = b"" if self.started else self._start()
-        return out + sse("error", error_body(exc))
+        return self.opened() + sse("error", error_body(exc))

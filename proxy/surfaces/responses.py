@@ -16,7 +16,7 @@ import orjson
 
 from proxy import dialect
 from proxy.errors import BadRequest, EurouteError
-from proxy.surfaces import first_choice, sse, tool_call_deltas, usage_pair
+from proxy.surfaces import ChunkStream, first_choice, sse, tool_call_deltas, usage_pair
 
 ENDPOINT = "responses"
 _STORED = ("previous_response_id", "conversation", "prompt")
@@ -263,49 +263,33 @@ class ResponsesExchange:
         return ResponsesStream(self)
 
 
-class ResponsesStream:
+class ResponsesStream(ChunkStream):
     """Chat chunks in, the Responses event sequence out: response.created, in_progress, then
     per output item `output_item.added`, its content or argument deltas and `.done` events,
     and response.completed (or incomplete) with usage."""
 
     def __init__(self, exchange: ResponsesExchange) -> None:
+        super().__init__()
         self.exchange = exchange
         self.seq = 0
-        self.started = False
         self.output: list[dict[str, Any]] = []  # finished items
         self.open: dict[str, Any] | None = None  # the item being streamed
         self.calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> open item
-        self.usage: Any = None
-        self.finish: str | None = None
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         self.seq += 1
         return sse(kind, {"type": kind, "sequence_number": self.seq - 1, **fields})
 
-    def _start(self) -> bytes:
-        self.started = True
+    def begin(self) -> bytes:
         snapshot = self.exchange.response("in_progress", [])
         return (self._event("response.created", response=snapshot)
                 + self._event("response.in_progress", response=snapshot))
 
-    def feed(self, chunk: dict[str, Any]) -> bytes:
-        out = b"" if self.started else self._start()
-        if chunk.get("usage") is not None:
-            self.usage = chunk["usage"]
-        choice = first_choice(chunk)
-        if choice is None:
-            return out
-        if choice.get("finish_reason"):
-            self.finish = choice["finish_reason"]
-        delta = choice.get("delta") or {}
-        thinking, text = delta.get("reasoning_content"), delta.get("content")
-        if isinstance(thinking, str) and thinking:
-            out += self._open("reasoning") + self._delta(thinking)
-        if isinstance(text, str) and text:
-            out += self._open("message") + self._delta(text)
-        for call in tool_call_deltas(delta):
-            out += self._call(call)
-        return out
+    def thinking(self, text: str) -> bytes:
+        return self._open("reasoning") + self._delta(text)
+
+    def text(self, text: str) -> bytes:
+        return self._open("message") + self._delta(text)
 
     def _open(self, kind: str) -> bytes:
         if self.open is not None and self.open["type"] == kind:
@@ -326,7 +310,8 @@ class ResponsesStream:
 
     def _delta(self, text: str) -> bytes:
         item = self.open
-        assert item is not None
+        if item is None:
+            raise RuntimeError("a delta with no open output item")
         item["text"] += text
         kind = ("response.reasoning_text.delta" if item["type"] == "reasoning"
                 else "response.output_text.delta")
@@ -351,7 +336,7 @@ class ResponsesStream:
         return out + self._event("response.output_item.done", output_index=item["index"],
                                  item=done)
 
-    def _call(self, call: dict[str, Any]) -> bytes:
+    def tool_call(self, call: dict[str, Any]) -> bytes:
         index = call.get("index", len(self.calls))
         function = call.get("function") or {}
         out = b""
@@ -386,7 +371,7 @@ class ResponsesStream:
         return out
 
     def close(self) -> bytes:
-        out = (b"" if self.started else self._start()) + self._close_open() + self._close_calls()
+        out = self.opened() + self._close_open() + self._close_calls()
         if self.finish == "length":
             final = self.exchange.response("incomplete", self.output, self.usage)
             return out + self._event("response.incomplete", response=final)
@@ -394,7 +379,7 @@ class ResponsesStream:
         return out + self._event("response.completed", response=final)
 
     def fail(self, exc: EurouteError) -> bytes:
-        out = b"" if self.started else self._start()
+        out = self.opened()
         failed = self.exchange.response("failed", self.output, self.usage,
                                         error={"code": "server_error", "message": exc.message})
         return out + self._event("response.failed", response=failed)
