@@ -17,7 +17,7 @@ from proxy.errors import BadRequest, PolicyViolation, RateLimited
 from proxy.surfaces import messages
 from tests.conftest import Proxy
 from tests.fake_mistral import FakeMistral
-from tests.test_responses import USAGE, chunk, events_of
+from tests.test_responses import USAGE, chunk, events_of, magistral_tool_answer
 from tests.test_vision import PDF, PNG
 
 MODEL = "magistral-small-2509"
@@ -93,13 +93,7 @@ def test_errors_take_anthropics_shape_with_the_decision() -> None:
 def test_answer_is_a_message_with_thinking_text_and_tool_use() -> None:
     exchange = messages.parse({"model": MODEL, "max_tokens": 10,
                                "messages": [{"role": "user", "content": "hi"}]}, {})
-    internal = mistral.answer({"id": "c", "choices": [{"index": 0, "finish_reason": "tool_calls",
-        "message": {"role": "assistant", "content": [
-            {"type": "thinking", "thinking": [{"type": "text", "text": "Look it up."}]},
-            {"type": "text", "text": "Checking."}],
-            "tool_calls": [{"id": "call_9", "type": "function",
-                            "function": {"name": "weather", "arguments": '{"c": "Paris"}'}}]}}],
-        "usage": USAGE})
+    internal = mistral.answer(magistral_tool_answer())
     message = Message.model_validate(orjson.loads(exchange.answer(internal)))
     assert [b.type for b in message.content] == ["thinking", "text", "tool_use"]
     assert message.content[0].thinking == "Look it up."  # type: ignore[union-attr]

@@ -37,6 +37,17 @@ def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dic
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
 
 
+def magistral_tool_answer() -> dict[str, Any]:
+    """Magistral's JSON answer: thinking, text, then a tool call."""
+    message = {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "Look it up."}]},
+        {"type": "text", "text": "Checking."}], "tool_calls": [
+        {"id": "call_9", "type": "function",
+         "function": {"name": "weather", "arguments": '{"c": "Paris"}'}}]}
+    return {"id": "c", "usage": USAGE,
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]}
+
+
 def test_input_items_become_chat_messages() -> None:
     exchange = responses.parse({
         "model": MODEL, "instructions": "Be brief.", "max_output_tokens": 300, "store": False,
@@ -83,13 +94,7 @@ def test_what_needs_storage_or_hosted_tools_is_refused(field: str, value: Any) -
 
 def test_answer_is_a_response_with_reasoning_message_and_calls() -> None:
     exchange = responses.parse({"model": MODEL, "input": "hi"}, {})
-    internal = mistral.answer({"id": "c", "choices": [{"index": 0, "finish_reason": "tool_calls",
-        "message": {"role": "assistant", "content": [
-            {"type": "thinking", "thinking": [{"type": "text", "text": "Look it up."}]},
-            {"type": "text", "text": "Checking."}],
-            "tool_calls": [{"id": "call_9", "type": "function",
-                            "function": {"name": "weather", "arguments": '{"c": "Paris"}'}}]}}],
-        "usage": USAGE})
+    internal = mistral.answer(magistral_tool_answer())
     response = Response.model_validate(orjson.loads(exchange.answer(internal)))
     assert [o.type for o in response.output] == ["reasoning", "message", "function_call"]
     assert response.output[0].content[0].text == "Look it up."  # type: ignore[union-attr,index]
