@@ -101,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Euroute:
         gateway = Gateway(settings, policies, keys, writer, upstream, budgets)
         app.state.gateway, app.state.engine = gateway, engine
         writer.start()
+        gateway.sampler.start()
         keys.start()
         policies.start(settings.policy_poll_s)
         # Only the main thread may take signals (not so when a test runs the server).
@@ -113,9 +114,11 @@ def create_app(settings: Settings | None = None) -> Euroute:
         finally:
             await policies.stop()
             await keys.stop()
+            await gateway.sampler.stop()
             try:
                 await writer.close()
                 await budgets.close()
+                await gateway.rates.close()
             finally:
                 await upstream.aclose()
                 await engine.dispose()

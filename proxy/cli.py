@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import os
 
-from proxy import audit_cli, keys, report
+from proxy import audit_cli, keys, metrics, report
 from proxy.audit_cli import engine_from, err, policies_or_none
 from proxy.ledger.db import migrate
 from proxy.policy.decide import parse_narrowing
@@ -36,10 +36,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         # Once, here, not in every worker.
         asyncio.run(_migrate(settings))
         os.environ["EUROUTE_MIGRATE_ON_START"] = "false"
-    uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, loop="uvloop", http="httptools",
-                log_level=settings.log_level, access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=30)
+    with metrics.shared_between_workers(args.workers):
+        uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, loop="uvloop", http="httptools",
+                    log_level=settings.log_level, access_log=False, proxy_headers=False,
+                    timeout_graceful_shutdown=30)
     return 0
 
 

@@ -11,12 +11,11 @@ import datetime as dt
 import logging
 import os
 import time
-from collections import Counter
 from typing import Any
 
 import orjson
 
-from proxy import dialect
+from proxy import dialect, metrics
 from proxy.asgi import Receive, Scope, Send, read_body, send_error, send_json
 from proxy.errors import (
     BadRequest,
@@ -26,6 +25,7 @@ from proxy.errors import (
     PayloadTooLarge,
     PolicyViolation,
     RateLimited,
+    StoreUnavailable,
     Unauthorized,
     Unavailable,
     UpstreamError,
@@ -48,7 +48,8 @@ log = logging.getLogger("euroute")
 OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
-    Unavailable: "ledger_unavailable", UpstreamTimeout: "upstream_timeout",
+    Unavailable: "ledger_unavailable", StoreUnavailable: "unavailable",
+    UpstreamTimeout: "upstream_timeout",
 }
 
 
@@ -86,8 +87,9 @@ class Gateway:
         self.writer = writer
         self.upstream = upstream
         self.budgets = budgets
-        self.rates = RateLimiter()
-        self.outcomes: Counter[str] = Counter()
+        self.rates = RateLimiter(settings.redis_url, prefix=settings.redis_prefix,
+                                 timeout_s=settings.redis_timeout_s)
+        self.sampler = metrics.Sampler(self)
         self.admitted_unrecorded = 0
         self.pseudonym_key = (settings.pseudonym_key.get_secret_value().encode()
                               if settings.pseudonym_key else os.urandom(32))
@@ -108,7 +110,6 @@ class Gateway:
         try:
             key = authenticate(self.keys, headers)
         except Unauthorized as exc:
-            self.outcomes["unauthenticated"] += 1
             await send_error(send, exc, reply_headers)
             return
         await self.writer.room()
@@ -152,7 +153,7 @@ class Gateway:
                     raise Unavailable("the audit ledger cannot be written; this policy refuses "
                                       "requests it cannot record")
                 self.admitted_unrecorded += 1
-            self.rates.admit(key.id, policy.limits)
+            await self.rates.admit(key.id, policy)
             await self.budgets.admit(key.app, policy.limits.budget,
                                      self._worst_case(routes[0], request, len(body)))
             tried: list[str] = decision.setdefault("tried", [])
@@ -172,7 +173,7 @@ class Gateway:
         finally:
             row.decision = orjson.dumps(decision).decode()
             row.latency_us = int((time.perf_counter() - started) * 1e6)
-            self.outcomes[row.outcome] += 1
+            metrics.observe(row)
             self.writer.submit(row)
 
     def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,
@@ -267,32 +268,9 @@ class Gateway:
         await send_json(send, 200 if ready else 503, orjson.dumps(body))
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
-        lines = ["# TYPE euroute_requests_total counter"]
-        lines += [f'euroute_requests_total{{outcome="{o}"}} {n}'
-                  for o, n in sorted(self.outcomes.items())]
-        w, p = self.writer, self.policies
-        lines += [
-            "# TYPE euroute_ledger_pending_rows gauge", f"euroute_ledger_pending_rows {w.pending}",
-            "# TYPE euroute_ledger_written_total counter",
-            f"euroute_ledger_written_total {w.written}",
-            "# TYPE euroute_ledger_batches_total counter",
-            f"euroute_ledger_batches_total {w.batches}",
-            "# TYPE euroute_ledger_write_failures_total counter",
-            f"euroute_ledger_write_failures_total {w.failures}",
-            "# TYPE euroute_ledger_backpressure_waits_total counter",
-            f"euroute_ledger_backpressure_waits_total {w.waits}",
-            "# TYPE euroute_ledger_healthy gauge", f"euroute_ledger_healthy {int(w.healthy)}",
-            "# TYPE euroute_admitted_unrecorded_total counter",
-            f"euroute_admitted_unrecorded_total {self.admitted_unrecorded}",
-            "# TYPE euroute_policy_info gauge",
-            f'euroute_policy_info{{version="{p.current.version[:12]}"}} 1',
-            "# TYPE euroute_policy_reload_failures_total counter",
-            f"euroute_policy_reload_failures_total {p.failed_reloads}",
-        ]
-        body = ("\n".join(lines) + "\n").encode()
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/plain; version=0.0.4")]})
-        await send({"type": "http.response.body", "body": body})
+                    "headers": [(b"content-type", metrics.CONTENT_TYPE)]})
+        await send({"type": "http.response.body", "body": self.sampler.scrape()})
 
 
 def _reasons(route: Route, fails: list[Check]) -> list[dict[str, str]]:

@@ -14,7 +14,8 @@
     ├── UpstreamError           the upstream's own 4xx/5xx, reshaped
     ├── UpstreamUnavailable     502 upstream_error
     ├── UpstreamTimeout         504 upstream_timeout
-    └── Unavailable             503 service_unavailable
+    └── Unavailable             503 service_unavailable (the ledger cannot be written)
+        └── StoreUnavailable    503 (a budget or rate-limit store cannot be read)
 
 Lower-layer errors (httpx, the database) are translated once, where they happen.
 """
@@ -155,3 +156,7 @@ class Unavailable(EurouteError):
     status = 503
     type = "service_unavailable"
     code = "service_unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    pass

@@ -1,7 +1,9 @@
 """Admission limits: per-key requests and tokens per minute, and per-app spend budgets.
 
-Rate windows are per replica (in memory); budgets read spend from the ledger, shared by all
-replicas, through a short cache plus what this replica has spent since it was read.
+Rate windows are fixed one-minute windows per key: in Redis (`EUROUTE_REDIS_URL`) when several
+replicas must share them, else in this process's memory (per replica, per worker). Budgets read
+spend from the ledger, shared by all replicas, through a short cache plus what this replica has
+spent since it was read.
 """
 
 from __future__ import annotations
@@ -12,14 +14,38 @@ import logging
 import time
 from dataclasses import dataclass
 
+from pydantic import SecretStr
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.errors import BudgetExceeded, RateLimited, Unavailable
+from proxy import metrics
+from proxy.errors import BudgetExceeded, RateLimited, StoreUnavailable
 from proxy.ledger.tables import ledger
-from proxy.policy.schema import Budget, PolicyLimits
+from proxy.policy.schema import Budget, Policy, PolicyLimits
 
 log = logging.getLogger("euroute.limits")
+
+# One round trip per admission: read the key's window, refuse or count the request, and let the
+# window expire on its own a minute after it ends. Returns one of the three below; a limit of
+# -1 is no limit.
+_ADMIT = """
+local used = redis.call('HMGET', KEYS[1], 'r', 't')
+local requests, tokens = tonumber(used[1] or '0'), tonumber(used[2] or '0')
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+if rpm >= 0 and requests >= rpm then return 1 end
+if tpm >= 0 and tokens >= tpm then return 2 end
+redis.call('HINCRBY', KEYS[1], 'r', 1)
+redis.call('EXPIRE', KEYS[1], 120)
+return 0
+"""
+_ADMITTED, _TOO_MANY_REQUESTS, _TOO_MANY_TOKENS = 0, 1, 2
+# After a failed call, skip Redis for this long: a dead Redis must not add a connect timeout to
+# every request.
+_BACKOFF_S = 1.0
 
 
 @dataclass(slots=True)
@@ -30,10 +56,22 @@ class _Window:
 
 
 class RateLimiter:
-    """Fixed one-minute windows per key."""
+    """Fixed one-minute windows per key, in Redis when `redis_url` is given, else in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis_url: SecretStr | None = None, *, prefix: str = "euroute:",
+                 timeout_s: float = 0.5) -> None:
         self._windows: dict[str, _Window] = {}
+        self._prefix = prefix
+        self._redis: Redis | None = None
+        if redis_url is not None:
+            # No retries: an admission waits for one attempt at most, then the outage rule.
+            self._redis = Redis.from_url(redis_url.get_secret_value(), socket_timeout=timeout_s,
+                                         socket_connect_timeout=timeout_s,
+                                         retry=Retry(NoBackoff(), 0))
+            self._admit_script = self._redis.register_script(_ADMIT)
+        self._down_until = 0.0
+        self._metered: set[str] = set()  # keys whose tokens count against a limit
+        self._counting: set[asyncio.Task[None]] = set()
 
     def _window(self, key_id: str, now: float) -> _Window:
         minute = int(now // 60)
@@ -42,24 +80,88 @@ class RateLimiter:
             w = self._windows[key_id] = _Window(minute)
         return w
 
-    def admit(self, key_id: str, limits: PolicyLimits) -> None:
+    async def admit(self, key_id: str, policy: Policy) -> None:
+        limits = policy.limits
         if limits.requests_per_minute is None and limits.tokens_per_minute is None:
             return
         now = time.time()
-        w = self._window(key_id, now)
+        if limits.tokens_per_minute is not None:
+            self._metered.add(key_id)
+        if self._redis is None:
+            refused = self._admit_here(key_id, now, limits)
+        else:
+            refused = await self._admit_shared(key_id, now, policy)
         retry = max(1, 60 - int(now % 60))
-        if limits.requests_per_minute is not None and w.requests >= limits.requests_per_minute:
+        if refused == _TOO_MANY_REQUESTS:
             raise RateLimited(f"rate limit of {limits.requests_per_minute} requests per minute "
                               "reached for this key", retry_after_s=retry)
-        if limits.tokens_per_minute is not None and w.tokens >= limits.tokens_per_minute:
+        if refused == _TOO_MANY_TOKENS:
             raise RateLimited(f"rate limit of {limits.tokens_per_minute} tokens per minute "
                               "reached for this key", retry_after_s=retry,
                               code="tokens_rate_limit_exceeded")
+
+    def _admit_here(self, key_id: str, now: float, limits: PolicyLimits) -> int:
+        """What _ADMIT does, in this process's memory."""
+        w = self._window(key_id, now)
+        if limits.requests_per_minute is not None and w.requests >= limits.requests_per_minute:
+            return _TOO_MANY_REQUESTS
+        if limits.tokens_per_minute is not None and w.tokens >= limits.tokens_per_minute:
+            return _TOO_MANY_TOKENS
         w.requests += 1
+        return _ADMITTED
+
+    async def _admit_shared(self, key_id: str, now: float, policy: Policy) -> int:
+        if time.monotonic() >= self._down_until:
+            limits = policy.limits
+            try:
+                return int(await self._admit_script(
+                    keys=[self._key(key_id, now)],
+                    args=[_or_none(limits.requests_per_minute), _or_none(limits.tokens_per_minute)]))
+            except RedisError as exc:
+                self._down_until = time.monotonic() + _BACKOFF_S
+                log.warning("rate limit store unreachable: %s: %s", type(exc).__name__, exc)
+        # The same rule as for an unwritable ledger: a policy that refuses what it cannot record
+        # also refuses what it cannot limit.
+        refuse = policy.audit.on_write_failure == "reject"
+        metrics.rate_store_outage(refused=refuse)
+        if refuse:
+            raise StoreUnavailable("the shared rate limits cannot be checked (Redis is unreachable); "
+                                   "this policy refuses requests it cannot limit",
+                                   code="rate_limits_unavailable")
+        return _ADMITTED
+
+    def _key(self, key_id: str, now: float) -> str:
+        return f"{self._prefix}rate:{key_id}:{int(now // 60)}"
 
     def spent_tokens(self, key_id: str, tokens: int) -> None:
-        if key_id in self._windows:
+        if key_id not in self._metered:
+            return
+        if self._redis is None:
             self._window(key_id, time.time()).tokens += tokens
+        elif time.monotonic() >= self._down_until:  # else lost, like the admissions meanwhile
+            task = asyncio.create_task(self._count_tokens(self._redis, key_id, tokens))
+            self._counting.add(task)
+            task.add_done_callback(self._counting.discard)
+
+    async def _count_tokens(self, redis: Redis, key_id: str, tokens: int) -> None:
+        key = self._key(key_id, time.time())
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                await pipe.hincrby(key, "t", tokens).expire(key, 120).execute()
+        except RedisError as exc:
+            self._down_until = time.monotonic() + _BACKOFF_S
+            log.warning("tokens of %s not counted, rate limit store unreachable: %s: %s",
+                        key_id, type(exc).__name__, exc)
+
+    async def close(self) -> None:
+        """Let token counts in flight land, then close the connections."""
+        await asyncio.gather(*self._counting, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+
+
+def _or_none(limit: int | None) -> int:
+    return -1 if limit is None else limit
 
 
 def period_start(period: str, now: dt.datetime) -> dt.datetime:
@@ -149,8 +251,8 @@ class Budgets:
         try:
             spend = await self._current(app, budget)
         except Exception as exc:  # a budget that cannot be read fails closed
-            raise Unavailable(f"the spend of app {app!r} cannot be read, so its budget cannot "
-                              "be enforced") from exc
+            raise StoreUnavailable(f"the spend of app {app!r} cannot be read, so its budget "
+                                   "cannot be enforced", code="budget_unavailable") from exc
         limit = int(budget.amount * 1_000_000_000)
         if spend.db_nanos + spend.local_nanos + worst_case_nanos > limit:
             raise BudgetExceeded(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -18,7 +18,9 @@ def bundled(name: str) -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EUROUTE_", env_file=".env", extra="ignore")
+    # Inputs stay out of validation errors: some hold secrets (database and Redis passwords).
+    model_config = SettingsConfigDict(env_prefix="EUROUTE_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     database_url: str = "sqlite+aiosqlite:///./euroute.db"
     # Unset: ./policies when it exists, else the policies shipped with euroute.
@@ -42,6 +44,19 @@ class Settings(BaseSettings):
     # The writer counts as unhealthy when rows have waited this long without a successful write.
     ledger_max_outage_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+    # Shared rate-limit windows (redis:// or rediss://, Redis or Valkey); unset: per replica.
+    redis_url: SecretStr | None = None
+    # Prefixes every key, so that several deployments can share one Redis.
+    redis_prefix: str = Field(default="euroute:", max_length=200)
+    redis_timeout_s: float = Field(default=0.5, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: SecretStr | None) -> SecretStr | None:
+        if url is not None and not url.get_secret_value().startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
 
     def resolved_policy_dir(self) -> Path:
         if self.policy_dir is not None:

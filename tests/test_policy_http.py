@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main
 from tests.conftest import Proxy, copy_policies, proxy_settings
@@ -103,7 +104,10 @@ def test_reload_swaps_valid_files_and_refuses_invalid(own: Proxy, fake: FakeMist
     still = chat(own, key)  # the old, valid set stays in force
     assert still.status_code == 200
     assert own.row(still.headers["x-request-id"])["policy_version"] == row["policy_version"]
-    assert "euroute_policy_reload_failures_total 1" in httpx.get(f"{own.origin}/metrics").text
+    failed = [s for f in text_string_to_metric_families(httpx.get(f"{own.origin}/metrics").text)
+              for s in f.samples if s.name == "euroute_policy_reloads_total"
+              and s.labels["result"] == "failed"]
+    assert failed and failed[0].value >= 1
 
 
 def test_decision_is_retrievable_by_id(proxy: Proxy, monkeypatch: pytest.MonkeyPatch,

@@ -132,9 +132,6 @@ Validate the values that the schema cannot express; fail with a clear message.
 {{- $errors = append $errors "database.existingSecret is required: create a Secret holding the PostgreSQL URL (key database.secretKey, default \"database-url\"), e.g. kubectl create secret generic euroute-db --from-literal=database-url='postgresql+asyncpg://user:pass@host:5432/euroute', and set database.existingSecret=euroute-db. The URL is never taken from plain values." }}
 {{- end }}
 {{- $hasFiles := gt (len (default (dict) .Values.policies.files)) 0 }}
-{{- if and (not $hasFiles) (not .Values.policies.existingConfigMap) }}
-{{- $errors = append $errors "no policies given: set policies.files (a map of file name to YAML content, e.g. --set-file policies.files.routes\\.yaml=policies/routes.yaml) or policies.existingConfigMap (the name of an existing ConfigMap holding the policy files)." }}
-{{- end }}
 {{- if and $hasFiles .Values.policies.existingConfigMap }}
 {{- $errors = append $errors "policies.files and policies.existingConfigMap are mutually exclusive: set only one." }}
 {{- end }}
@@ -169,6 +166,49 @@ Environment shared by the server and the migration Job.
   value: "1"
 - name: PYTHONDONTWRITEBYTECODE
   value: "1"
+{{- end }}
+
+{{/*
+Shared rate-limit windows in Redis (server only): the URL from a Secret, keys prefixed per
+release so that several releases can share one Redis.
+*/}}
+{{- define "euroute.redisEnv" -}}
+{{- if .Values.redis.existingSecret }}
+- name: EUROUTE_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret | quote }}
+      key: {{ .Values.redis.secretKey | quote }}
+- name: EUROUTE_REDIS_PREFIX
+  value: {{ default (printf "%s/%s:" .Release.Namespace (include "euroute.fullname" .)) .Values.redis.keyPrefix | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Pod and container settings shared by the server, the migration Job and the purge CronJob.
+*/}}
+{{- define "euroute.podCommon" -}}
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/*
