@@ -13,7 +13,7 @@ from mistralai.client import Mistral
 from pydantic import BaseModel
 
 from proxy.dialects import mistral
-from proxy.surfaces import chat
+from proxy.surfaces import Relay, chat
 from tests.conftest import Proxy
 from tests.fake_mistral import FakeMistral
 
@@ -70,6 +70,28 @@ def test_chat_stream_sends_usage_once_when_asked() -> None:
     quiet = chat.parse({"model": "m", "messages": HELLO, "stream": True}, {}).stream()
     quiet.feed({"id": "c", "choices": [], "usage": usage})
     assert quiet.close() == b"data: [DONE]\n\n"
+
+
+class Event:
+    def __init__(self, data: bytes | None, raw: bytes | None = None) -> None:
+        self.data = data
+        self.raw = raw if raw is not None else b"data:" + (data or b"") + b"\r\n\r\n"
+
+
+def test_relay_keeps_plain_events_byte_for_byte_and_folds_thinking() -> None:
+    relay = Relay(chat.parse({"model": "m", "messages": HELLO, "stream": True}, {}).stream(),
+                  mistral.chunk, lambda raw: raw.replace(b"sk-secret", b"[redacted]"))
+    plain = Event(b'{"choices": [{"index": 0, "delta": {"content": "Hi sk-secret"}}]}')
+    thinking = Event(orjson.dumps(chunk({"content": [THINKING]})))
+    last = Event(orjson.dumps(chunk({"content": "!"}, usage={"prompt_tokens": 2,
+                                                            "completion_tokens": 3})))
+    out = relay.relay([Event(None, b": keep-alive\n\n"), plain, thinking, last,
+                       Event(b"[DONE]"), Event(b'{"after": "done"}')])
+    # Unchanged events go on as they came (their framing too), scrubbed.
+    assert out.startswith(b": keep-alive\n\n" + plain.raw.replace(b"sk-secret", b"[redacted]"))
+    assert b'"reasoning_content":"Think first."' in out and b'"thinking"' not in out
+    assert relay.usage == (2, 3) and relay.done and b'"after"' not in out
+    assert out.endswith(b"data: [DONE]\n\n")
 
 
 def test_fake_mistral_answers_scripts_in_magistrals_shape(fake: FakeMistral) -> None:

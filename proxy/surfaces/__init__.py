@@ -17,14 +17,24 @@ Adding a surface is one module here and its path in proxy/app.py.
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import orjson
 
-from proxy.errors import EurouteError
+from proxy import dialect
+from proxy.errors import EurouteError, UpstreamUnavailable
+
+# What a dialect may have to fold: a content chunk list, vLLM's `reasoning` field. An answer
+# without either is already in the internal shape, so the chat surface relays its bytes as
+# they came. (A match inside a JSON string is impossible: its quotes would be escaped.)
+NEEDS_FOLD = re.compile(rb'"content":\s*\[|"reasoning"')
 
 
 class Stream(Protocol):
+    passthrough: bool  # events already in the surface's shape may go on as they came
+
     def feed(self, chunk: dict[str, Any]) -> bytes: ...
     def close(self) -> bytes: ...
     def fail(self, exc: EurouteError) -> bytes: ...
@@ -37,9 +47,68 @@ class Exchange(Protocol):
     def stream(self) -> Stream: ...
 
 
+class SSEEvent(Protocol):
+    raw: bytes  # the event as it came, framing included
+    data: bytes | None  # None for a comment
+
+
+class Relay:
+    """An upstream's SSE events through its dialect (folded into internal chunks) and the
+    surface's stream (rendered in the client's API); keeps the usage the ledger records."""
+
+    __slots__ = ("done", "events", "fold", "scrub", "stream", "usage")
+
+    def __init__(self, stream: Stream, fold: Callable[[dict[str, Any]], dict[str, Any]],
+                 scrub: Callable[[bytes], bytes]) -> None:
+        self.stream, self.fold, self.scrub = stream, fold, scrub
+        self.usage: tuple[int, int] | None = None
+        self.done = False
+        self.events = 0
+
+    def relay(self, events: Iterable[SSEEvent]) -> bytes:
+        """The bytes to send for these events; raises on an event that is not a chunk."""
+        out = []
+        for event in events:
+            if self.done:
+                break  # nothing follows [DONE]
+            data = event.data
+            if data is None:  # comments and keep-alives pass as they came
+                out.append(event.raw)
+                continue
+            self.events += 1
+            if data == b"[DONE]":
+                self.done = True
+                out.append(self.stream.close())
+            elif self.stream.passthrough and b'"usage"' not in data \
+                    and not NEEDS_FOLD.search(data):
+                out.append(event.raw)
+            else:
+                out.append(self._render(data))
+        return self.scrub(b"".join(out))
+
+    def _render(self, data: bytes) -> bytes:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable("upstream sent a stream event that is not JSON",
+                                      code="upstream_error") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamUnavailable("upstream sent a stream event that is not a chunk",
+                                      code="upstream_error")
+        if (usage := dialect.usage_of(chunk)) is not None:
+            self.usage = usage
+        return self.stream.feed(self.fold(chunk))
+
+    def fail(self, exc: EurouteError) -> bytes:
+        """What ends a stream cut short: its status has gone out, so the surface's error event."""
+        return self.scrub(self.stream.fail(exc))
+
+
 class ChunkStream:
     """A stream rendered from chat chunks: keeps usage and the finish reason, and hands the
     pieces of each delta on in order (thinking, text, tool calls) to the subclass."""
+
+    passthrough = False
 
     def __init__(self) -> None:
         self.started = False

@@ -68,10 +68,11 @@ class ChatStream:
     the client sent `stream_options.include_usage`, sent in OpenAI's extra chunk (no choices)
     before `data: [DONE]`."""
 
-    __slots__ = ("include_usage", "last", "native")
+    __slots__ = ("include_usage", "last", "native", "passthrough")
 
     def __init__(self, native: bool, include_usage: bool) -> None:
         self.native, self.include_usage = native, include_usage
+        self.passthrough = not native
         self.last: dict[str, Any] | None = None  # the last chunk that carried usage
 
     def feed(self, chunk: dict[str, Any]) -> bytes:
