@@ -1,6 +1,6 @@
 """Where euroute's CPU goes under load: py-spy on one worker, summarised.
 
-    python bench/hotspots.py                       # json and stream, http1 transport
+    python bench/hotspots.py                       # json and stream, aiohttp transport
     python bench/hotspots.py --mode stream --transport httpx --requests 30000
     python bench/hotspots.py --connections 1 --requests 10000   # where concurrency-1 latency goes
 
@@ -32,10 +32,10 @@ import run as bench
 AREAS = [  # first match wins, tested against each frame of a stack, innermost first
     ("ledger writer (SQLAlchemy, aiosqlite, sqlite3)",
      re.compile(r"proxy/ledger/|sqlalchemy|aiosqlite|sqlite3|greenlet")),
-    ("upstream client (proxy/http1.py, httpx, httpcore)",
-     re.compile(r"proxy/http1|/httpx/|/httpcore/|/anyio/")),
+    ("upstream client (aiohttp, httpx-aiohttp, httpx, httpcore)",
+     re.compile(r"/aiohttp/|/httpx_aiohttp/|/httpx/|/httpcore/|/anyio/|/yarl/|/multidict/")),
     ("euroute request path", re.compile(r"proxy/(endpoints|dialect|keys|limits|policy|"
-                                        r"upstream|errors)")),
+                                        r"upstream|relay|sse|asgi|errors)")),
     ("uvicorn + starlette", re.compile(r"/uvicorn/|/starlette/")),
     ("asyncio / uvloop", re.compile(r"asyncio|uvloop")),
 ]
@@ -154,7 +154,7 @@ def profile(mode: str, transport: str, requests: int, rate: int, top: int, conns
 def main() -> int:
     parser = argparse.ArgumentParser(description="profile euroute under load with py-spy")
     parser.add_argument("--mode", default="json,stream")
-    parser.add_argument("--transport", default="http1")
+    parser.add_argument("--transport", default="aiohttp")
     parser.add_argument("--requests", type=int, default=30_000)
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=15)

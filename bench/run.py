@@ -1,8 +1,9 @@
 """The euroute benchmark: one command, from a clean checkout.
 
-    python bench/run.py                      # full: workers 1,2 x transports http1,httpx
+    python bench/run.py                      # full: workers 1,2 x transports aiohttp,httpx
     python bench/run.py --smoke              # seconds; CI runs this to keep the script working
-    python bench/run.py --workers 1 --transport http1 --requests 50000
+    python bench/run.py --workers 1 --transport aiohttp --requests 50000
+    python bench/run.py --tls                # the same over TLS to the upstream (trustme CA)
 
 It starts the sandbox upstream (uvicorn + uvloop + httptools, its own process) and
 `euroute serve` (ledger on, SQLite or `--ledger postgresql`), drives them with wrk (installed with apt-get when missing)
@@ -37,6 +38,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -247,14 +249,15 @@ class Server:
         self.log.close()
 
 
-def wait_http(url: str, server: Server, timeout: float = 30.0) -> None:
+def wait_http(url: str, server: Server, timeout: float = 30.0,
+              context: ssl.SSLContext | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not server.alive():
             raise BenchError(f"{server.name} exited with {server.proc.returncode}:\n"
                              f"{server.tail()}")
         try:
-            with urllib.request.urlopen(url, timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 if r.status < 500:
                     return
         except urllib.error.HTTPError as exc:
@@ -489,11 +492,35 @@ def layout(workers: int, pin: bool) -> Layout:
                   ",".join(str(i) for i in range(workers, n)))
 
 
+class Tls:
+    """A local CA and a certificate for 127.0.0.1 (trustme), as files uvicorn and euroute read."""
+
+    def __init__(self, where: Path) -> None:
+        import trustme  # a test dependency: only TLS runs need it
+
+        where.mkdir(parents=True)
+        ca = trustme.CA()
+        cert = ca.issue_cert("127.0.0.1", "localhost")
+        self.ca, key, chain = where / "ca.pem", where / "key.pem", where / "cert.pem"
+        ca.cert_pem.write_to_path(str(self.ca))
+        cert.private_key_pem.write_to_path(str(key))
+        cert.cert_chain_pems[0].write_to_path(str(chain))
+        self.uvicorn = ["--ssl-keyfile", str(key), "--ssl-certfile", str(chain)]
+
+    def client(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
 class Config:
     def __init__(self, transport: str, workers: int, sizes: Sizes, tmp: Path, pin: bool,
-                 upstream_workers: int, chunks: int, ledger: str = "sqlite") -> None:
+                 upstream_workers: int, chunks: int, ledger: str = "sqlite",
+                 tls: bool = False) -> None:
         self.transport, self.workers, self.sizes, self.backend = transport, workers, sizes, ledger
-        self.tmp = tmp / f"{transport}-w{workers}"
+        # the name in reports: TLS runs are told apart from plaintext ones
+        self.label = f"{transport}+tls" if tls else transport
+        self.tls = Tls(tmp / f"{self.label}-w{workers}-tls") if tls else None
+        self.scheme = "https" if tls else "http"
+        self.tmp = tmp / f"{self.label}-w{workers}"
         self.tmp.mkdir(parents=True)
         self.ledger = Ledger(ledger, self.tmp)
         self.layout = layout(workers, pin)
@@ -507,7 +534,8 @@ class Config:
                 "EUROUTE_POLICY_DIR": str(REPO / "policies"),
                 "EUROUTE_UPSTREAM_TRANSPORT": self.transport,
                 "EUROUTE_LOG_LEVEL": "warning",
-                "MISTRAL_BASE_URL": f"http://127.0.0.1:{self.up_port}/v1",
+                "MISTRAL_BASE_URL": f"{self.scheme}://127.0.0.1:{self.up_port}/v1",
+                **({"SSL_CERT_FILE": str(self.tls.ca)} if self.tls else {}),
                 "MISTRAL_API_KEY": UPSTREAM_KEY,
                 "BENCH_UPSTREAM_KEY": UPSTREAM_KEY, "BENCH_CHUNKS": str(self.chunks)}
 
@@ -524,13 +552,14 @@ class Config:
                                  "--port", str(self.up_port), "--workers",
                                  str(self.upstream_workers), "--loop", "uvloop", "--http",
                                  "httptools", "--lifespan", "off", "--no-access-log",
-                                 "--log-level", "warning"],
+                                 "--log-level", "warning", *(self.tls.uvicorn if self.tls else [])],
                     env, self.tmp / "upstream.log", self.layout.others)
         self.upstream = up
         proxy: Server | None = None
         self.floor: Server | None = None
         try:
-            wait_http(f"http://127.0.0.1:{self.up_port}/v1/models", up)
+            wait_http(f"{self.scheme}://127.0.0.1:{self.up_port}/v1/models", up,
+                      context=self.tls.client() if self.tls else None)
             if self.workers == 1:
                 self.floor_port = free_port()
                 self.floor = Server("pass-through", [
@@ -562,7 +591,7 @@ class Config:
             modes = {mode: self.mode(mode == "stream") for mode in ("json", "stream")}
             if not proxy.alive():
                 self.problems.append(f"euroute died:\n{proxy.tail()}")
-            return {"transport": self.transport, "workers": self.workers, "ledger": self.backend,
+            return {"transport": self.label, "workers": self.workers, "ledger": self.backend,
                     "upstream_workers": self.upstream_workers, "layout": self.layout.describe(),
                     "modes": modes, "problems": self.problems, "noise": self.noise}
         finally:
@@ -576,9 +605,9 @@ class Config:
         label = "stream" if stream else "json"
         s, tmp, lo = self.sizes, self.tmp, self.layout
         proxy_url = f"http://127.0.0.1:{self.px_port}/v1/chat/completions"
-        direct_url = f"http://127.0.0.1:{self.up_port}/v1/chat/completions"
+        direct_url = f"{self.scheme}://127.0.0.1:{self.up_port}/v1/chat/completions"
         base = f"http://127.0.0.1:{self.px_port}"
-        print(f"  [{self.transport} w={self.workers} {label}] warm-up {s.warmup} ...",
+        print(f"  [{self.label} w={self.workers} {label}] warm-up {s.warmup} ...",
               file=sys.stderr, flush=True)
         w = run_wrk(proxy_url, self.key, stream, 32, s.warmup, tmp, lo.others)
         self.check(f"{label} warm-up", w)
@@ -637,7 +666,7 @@ class Config:
                 }
             return out
 
-        print(f"  [{self.transport} w={self.workers} {label}] concurrency 1 ...",
+        print(f"  [{self.label} w={self.workers} {label}] concurrency 1 ...",
               file=sys.stderr, flush=True)
         d1 = run_wrk(direct_url, UPSTREAM_KEY, stream, 1, s.latency_c1, tmp, lo.others)
         self.check(f"{label} direct c=1", d1)
@@ -651,7 +680,7 @@ class Config:
             self.check(f"{label} pass-through c=1", floor)
         d32 = run_wrk(direct_url, UPSTREAM_KEY, stream, 32, s.direct_c32, tmp, lo.others)
         self.check(f"{label} direct c=32", d32)
-        print(f"  [{self.transport} w={self.workers} {label}] concurrency 32, "
+        print(f"  [{self.label} w={self.workers} {label}] concurrency 32, "
               f"{s.throughput} requests ...", file=sys.stderr, flush=True)
         p32 = measured(32, s.throughput, rss=True)
         result: dict[str, Any] = {
@@ -667,7 +696,7 @@ class Config:
             result["floor_c1"] = _wrk_dict(floor)
             result["added_ms"]["floor_p50_c1"] = floor.p50_ms - d1.p50_ms
         if stream:
-            print(f"  [{self.transport} w={self.workers} {label}] time to first event ...",
+            print(f"  [{self.label} w={self.workers} {label}] time to first event ...",
                   file=sys.stderr, flush=True)
             td = run_ttfb(direct_url, UPSTREAM_KEY, s.ttfb, lo.others)
             tp = run_ttfb(proxy_url, self.key, s.ttfb, lo.others)
@@ -816,7 +845,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default=None,
                         help="comma list of proxy worker counts (default 1,2; smoke 1)")
     parser.add_argument("--transport", default=None,
-                        help="comma list of http1,httpx (default both; smoke http1)")
+                        help="comma list of aiohttp,httpx (default both; smoke aiohttp)")
+    parser.add_argument("--tls", action="store_true",
+                        help="the upstream speaks HTTPS (a local trustme CA that euroute trusts "
+                             "through SSL_CERT_FILE), as the real upstream does")
     parser.add_argument("--requests", type=int, default=None,
                         help="requests in each concurrency-32 throughput run (default 100000)")
     parser.add_argument("--upstream-workers", type=int, default=1)
@@ -837,9 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests:
         sizes = Sizes(**{**sizes.__dict__, "throughput": args.requests})
     workers = [int(w) for w in (args.workers or ("1" if args.smoke else "1,2")).split(",")]
-    transports = (args.transport or ("http1" if args.smoke else "http1,httpx")).split(",")
+    transports = (args.transport or ("aiohttp" if args.smoke else "aiohttp,httpx")).split(",")
     for t in transports:
-        if t not in ("http1", "httpx"):
+        if t not in ("aiohttp", "httpx"):
             parser.error(f"unknown transport {t!r}")
     started = dt.datetime.now(dt.UTC)
     t0 = time.monotonic()
@@ -855,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
                 for w in workers:
                     print(f"== transport={t} workers={w}", file=sys.stderr, flush=True)
                     cfg = Config(t, w, sizes, Path(tmp), not args.no_pin,
-                                 args.upstream_workers, args.chunks, args.ledger)
+                                 args.upstream_workers, args.chunks, args.ledger, args.tls)
                     report["configs"].append(cfg.run())
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)

@@ -2,9 +2,11 @@
 
 Separation of duties: whoever manages keys cannot read the ledger, and the other way round.
 
-    auditor   GET /v1/audit/...   every query, every app
+    app       the models (chat, embeddings, models list); nothing else calls them
+    auditor   GET /v1/audit/...   every query, every app, and every key created or revoked
               GET /v1/usage       any app (`app=` to pick one)
-    admin     /v1/admin/keys...   list, create, revoke keys
+    admin     /v1/admin/keys...   list keys; create and revoke app keys (auditor and admin
+                                  keys only with the CLI, which needs the database)
     any key   GET /v1/usage       its own app's usage only
 
 Anything else is 403 permission_error; no key or an unknown one is 401.
@@ -43,7 +45,7 @@ def allow(*roles: Role) -> Callable[[Handler], Endpoint]:
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             try:
-                key = authenticate(request.app.state.gateway.keys, dict(request.scope["headers"]))
+                key = authenticate(request.app.state.gateway.keys, request.scope["headers"])
                 if key.role not in roles:
                     raise Forbidden(f"a key with role {key.role!r} may not use "
                                     f"{request.method} {request.url.path}")
@@ -56,6 +58,9 @@ def allow(*roles: Role) -> Callable[[Handler], Endpoint]:
 
 def query_params(request: Request, allowed: frozenset[str]) -> dict[str, str]:
     params = dict(request.query_params)
+    if len(params) != len(request.query_params.multi_items()):
+        repeated = next(k for k in params if len(request.query_params.getlist(k)) > 1)
+        raise BadRequest(f"query parameter {repeated!r} is given more than once", param=repeated)
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BadRequest(f"unknown query parameter {unknown[0]!r}; this endpoint takes "

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import audit
+from proxy import audit, openapi
 from proxy.access import error_response
 from proxy.endpoints import Gateway
 from proxy.errors import EurouteError, NotFound
@@ -44,7 +44,8 @@ class _Late:
 
 # The request path skips Starlette's middleware and router: measured, they cost more than the
 # policy decision. Other methods on these paths still reach the router (405, OpenAI-shaped).
-FAST = {("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/embeddings"): "embeddings",
+FAST = {("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/responses"): "responses",
+        ("POST", "/v1/messages"): "messages", ("POST", "/v1/embeddings"): "embeddings",
         ("GET", "/v1/models"): "models", ("GET", "/healthz"): "healthz",
         ("GET", "/readyz"): "readyz", ("GET", "/metrics"): "metrics"}
 
@@ -129,4 +130,5 @@ def create_app(settings: Settings | None = None) -> Euroute:
     app.router.routes.extend(Route(path, _Late(app, name), methods=[method])
                              for (method, path), name in FAST.items())
     app.router.routes.extend(audit.routes(app))
+    app.router.routes.append(Route("/openapi.json", openapi.endpoint, methods=["GET"]))
     return Euroute(app)

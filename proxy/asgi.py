@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -43,3 +44,37 @@ async def read_body(receive: Receive, headers: dict[bytes, bytes], limit: int) -
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class DisconnectWatch:
+    """Cancels the request's task as soon as the client goes away, while armed.
+
+    Uvicorn drops writes to a gone client silently; only `receive()` tells of a disconnect.
+    Waiting on an upstream that stalls, the request would otherwise hold the upstream
+    connection until a timeout. Arm it once the body is read; disarm it before the last send
+    (a finished response also makes `receive()` report a disconnect).
+    """
+
+    __slots__ = ("_task", "_watcher", "gone")
+
+    def __init__(self, receive: Receive) -> None:
+        self.gone = False
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def disarm(self) -> None:
+        self._watcher.cancel()
+
+    def cancelled_by_client(self) -> bool:
+        """In an `except CancelledError`: True (and the cancel absorbed) when this watch caused it
+        and nothing else asked the task to stop."""
+        if not self.gone or self._task is None:
+            return False
+        return self._task.uncancel() == 0

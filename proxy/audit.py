@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from proxy import admin, records, report
+from proxy import admin, keys, records, report
 from proxy.access import allow, json_response, query_params
 from proxy.errors import BadRequest, Forbidden, LedgerTampered, NotFound
 from proxy.keys import Key
@@ -24,19 +24,34 @@ from proxy.ledger import providers, queries
 from proxy.ledger.queries import Window
 
 RANGE = frozenset({"from", "to", *queries.FILTERS, "format"})
+MAX_LIMIT = 1_000_000
 
 
 def _window(params: dict[str, str], **override: str | None) -> Window:
     try:
         start = queries.instant(params["from"]) if "from" in params else None
-    except ValueError:
-        raise BadRequest("from must be YYYY-MM-DD or an ISO 8601 time", param="from") from None
+    except ValueError as exc:
+        raise BadRequest(f"from must be YYYY-MM-DD or an ISO 8601 time: {exc}",
+                         param="from") from None
     try:
         end = queries.until(params["to"]) if "to" in params else None
-    except ValueError:
-        raise BadRequest("to must be YYYY-MM-DD or an ISO 8601 time", param="to") from None
-    filters = {name: params.get(name) for name in queries.FILTERS}
+    except ValueError as exc:
+        raise BadRequest(f"to must be YYYY-MM-DD or an ISO 8601 time: {exc}", param="to") from None
+    filters: dict[str, str | None] = {}
+    for name in queries.FILTERS:
+        try:
+            filters[name] = queries.filter_value(name, params[name]) if name in params else None
+        except ValueError as exc:
+            raise BadRequest(str(exc), param=name) from None
     return Window(start=start, end=end, **{**filters, **override})
+
+
+def _ident(request: Request) -> str:
+    """A request or decision id from the path: ids are short and printable."""
+    ident: str = request.path_params["id"]
+    if len(ident) > 40 or not ident.isprintable():
+        raise BadRequest("id must be at most 40 printable characters", param="id")
+    return ident
 
 
 def _choice(params: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
@@ -95,7 +110,7 @@ async def decisions(request: Request, key: Key) -> Response:
 
 async def _one(request: Request, by: Literal["request", "decision"]) -> Response:
     query_params(request, frozenset())
-    ident = request.path_params["id"]
+    ident = _ident(request)
     found = await queries.find(_engine(request), ident, by)
     if found is None:
         raise NotFound(f"no {by} {ident!r} in the ledger", param="id")
@@ -119,8 +134,9 @@ async def transfers(request: Request, key: Key) -> Response:
     params = query_params(request, RANGE | {"limit"})
     fmt = _choice(params, "format", ("json", "csv"), "json")
     limit = params.get("limit", "1000")
-    if not limit.isdigit() or int(limit) == 0:
-        raise BadRequest("limit must be a positive integer", param="limit")
+    # isdigit() alone takes '²' and other digits int() refuses.
+    if not (limit.isascii() and limit.isdigit() and 0 < int(limit) <= MAX_LIMIT):
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}", param="limit")
     found = await providers.transfers(_engine(request), _window(params), limit=int(limit))
     if fmt == "csv":
         return Response("".join(report.csv_lines(found["data"], providers.TRANSFER_COLUMNS)),
@@ -136,6 +152,8 @@ async def retention(request: Request, key: Key) -> Response:
         as_of = dt.date.fromisoformat(params["as_of"]) if "as_of" in params else None
     except ValueError:
         raise BadRequest("as_of must be YYYY-MM-DD", param="as_of") from None
+    if as_of == dt.date.max:  # the query looks at the day after
+        raise BadRequest("as_of must be before 9999-12-31", param="as_of")
     rows = await providers.retention(_engine(request), _window(params), as_of=as_of)
     return _rows(rows, fmt, as_of=as_of or dt.datetime.now(dt.UTC).date())
 
@@ -178,6 +196,14 @@ async def export(request: Request, key: Key) -> Response:
 
 
 @allow("auditor")
+async def key_events(request: Request, key: Key) -> Response:
+    params = query_params(request, frozenset({"from", "to", "format"}))
+    fmt = _choice(params, "format", ("json", "csv"), "json")
+    window = _window(params)
+    return _rows(await keys.events(_engine(request), window.start, window.end), fmt)
+
+
+@allow("auditor")
 async def verify(request: Request, key: Key) -> Response:
     query_params(request, frozenset())
     result = await queries.verify(_engine(request))
@@ -201,6 +227,7 @@ def routes(app: Starlette) -> list[Route]:
         Route("/v1/audit/contracts", contracts, methods=get),
         Route("/v1/audit/records", processing_records, methods=get),
         Route("/v1/audit/export", export, methods=get),
+        Route("/v1/audit/key-events", key_events, methods=get),
         Route("/v1/audit/verify", verify, methods=get),
         *admin.routes(),
     ]

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy import records, report
+from proxy import keys, records, report
 from proxy.ledger import providers, queries, retention
 from proxy.ledger.db import make_engine
 from proxy.ledger.queries import Window
@@ -133,6 +133,13 @@ async def export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+async def key_events(args: argparse.Namespace, settings: Settings) -> int:
+    async with engine_from(settings) as engine:
+        rows = await keys.events(engine, args.start, args.end)
+    _show(rows, args.format)
+    return 0
+
+
 async def verify(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
         result = await queries.verify(engine)
@@ -224,6 +231,11 @@ def add_commands(sub: Any) -> None:
     p = aud.add_parser("export", help="raw ledger rows, streamed (never a salt or key hash)")
     _filters(p, ("csv", "json"), "csv")
     p.set_defaults(run=export)
+    p = aud.add_parser("key-events", help="every key created or revoked: who, when, which")
+    p.add_argument("--from", dest="start", type=queries.instant, help="start (UTC)")
+    p.add_argument("--to", dest="end", type=queries.until, help="end, inclusive for a plain date")
+    p.add_argument("--format", choices=report.FORMATS, default="table")
+    p.set_defaults(run=key_events)
     p = aud.add_parser("verify", help="check the hash chains; non-zero exit on tampering")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(run=verify)

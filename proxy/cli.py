@@ -28,7 +28,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
+    from proxy import serving
 
     if policies_or_none(settings) is None:
         return 2
@@ -37,10 +37,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(_migrate(settings))
         os.environ["EUROUTE_MIGRATE_ON_START"] = "false"
     with metrics.shared_between_workers(args.workers):
-        uvicorn.run("proxy.app:create_app", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, loop="uvloop", http="httptools",
-                    log_level=settings.log_level, access_log=False, proxy_headers=False,
-                    timeout_graceful_shutdown=30)
+        serving.serve(settings, host=args.host, port=args.port, workers=args.workers)
     return 0
 
 
@@ -50,13 +47,14 @@ async def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
     if (policies := policies_or_none(settings)) is None:
         return 2
     try:
-        policy = keys.policy_for(policies, args.app, args.policy)
+        policy = keys.policy_for(policies, keys.check_app(args.app), args.policy)
     except ValueError as exc:
         err(str(exc))
         return 2
 
     async with engine_from(settings) as engine:
-        secret, record = await keys.create(engine, app=args.app, policy=policy, role=args.role)
+        secret, record = await keys.create(engine, app=args.app, policy=policy, role=args.role,
+                                           actor="cli")
     print(secret)
     err(f"created {record.id}: app={record.app} role={record.role} policy={record.policy}"
          " (the key is shown once; only its SHA-256 is stored)")
@@ -71,7 +69,7 @@ async def cmd_keys_list(args: argparse.Namespace, settings: Settings) -> int:
 
 async def cmd_keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        revoked = await keys.revoke(engine, args.key_id)
+        revoked = await keys.revoke(engine, args.key_id, actor="cli")
     if revoked:
         err(f"revoked {args.key_id}; every replica refuses it within "
              f"{settings.key_refresh_s:g} s")

@@ -56,8 +56,10 @@ async def run(settings: Settings) -> int:
         _say(f"sandbox Mistral upstream on {sandbox}/v1")
         engine = make_engine(settings.database_url)
         await migrate(engine)
-        standard, _ = await keys.create(engine, app="demo", policy="eu-standard", role="app")
-        strict, _ = await keys.create(engine, app="hr-assistant", policy="eu-strict", role="app")
+        standard, _ = await keys.create(engine, app="demo", policy="eu-standard", role="app",
+                                        actor="cli")
+        strict, _ = await keys.create(engine, app="hr-assistant", policy="eu-strict", role="app",
+                                      actor="cli")
         async with serving(create_app(settings.model_copy(update={"migrate_on_start": False})),
                            lifespan="on") as proxy, httpx.AsyncClient(base_url=f"{proxy}/v1") as http:
             _say(f"euroute on {proxy}/v1, ledger "

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import base64
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-from proxy import dialects
-from proxy.errors import BadRequest
-from proxy.policy.schema import Route
+from proxy.errors import BadRequest, EurouteError, UpstreamUnavailable
+
+# Above any model's output; keeps the number an int64 everywhere it goes (budget, ledger).
+MAX_OUTPUT_TOKENS = 10_000_000
+# JSON nesting a request may have: far more than any message or tool schema needs, well below
+# the 255 levels orjson encodes.
+MAX_DEPTH = 64
 
 # The internal chat request is OpenAI's chat request, rebuilt from this whitelist: field -> the
 # type its value must have. Each route dialect (proxy/dialects/) translates it out.
@@ -67,11 +72,28 @@ def parse(body: bytes) -> dict[str, Any]:
         raise BadRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
+    # Brackets bound the depth from above: most bodies are cleared without a walk.
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _too_deep(data):
+        raise BadRequest(f"request body nests deeper than {MAX_DEPTH} levels",
+                         code="invalid_value")
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("you must provide a model parameter", param="model",
                          code="missing_required_parameter" if model is None else "invalid_type")
     return data
+
+
+def _too_deep(data: dict[str, Any]) -> bool:
+    # Iterative: the point is to refuse what recursion (orjson's encoder stops at 255 levels)
+    # cannot handle.
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def chat(data: dict[str, Any]) -> dict[str, Any]:
@@ -208,10 +230,6 @@ def _part(part: Any, role: str, where: str) -> dict[str, Any]:
     return part
 
 
-def chat_request(request: dict[str, Any], route: Route) -> dict[str, Any]:
-    return dialects.chat_body(chat(request), route)
-
-
 def embeddings_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model": upstream_model}
     for name, value in request.items():
@@ -237,11 +255,23 @@ def check_types(request: dict[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         value = request.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                  or value < 1):
-            raise BadRequest(f"{name!r} must be a positive integer", param=name,
-                             code="invalid_type")
+                                  or not 1 <= value <= MAX_OUTPUT_TOKENS):
+            raise BadRequest(f"{name!r} must be an integer from 1 to {MAX_OUTPUT_TOKENS}",
+                             param=name, code="invalid_type")
     if not isinstance(request.get("stream", False), bool | None):
         raise BadRequest("'stream' must be a boolean", param="stream", code="invalid_type")
+    output_limit(request)
+
+
+def output_limit(request: dict[str, Any]) -> int | None:
+    """The one output-token limit of a request, which the policy check, the budget estimate and
+    the translation all read: `max_completion_tokens` and `max_tokens` are two names for it, so
+    both given and different is refused rather than one of them silently winning."""
+    newer, older = request.get("max_completion_tokens"), request.get("max_tokens")
+    if newer is not None and older is not None and newer != older:
+        raise BadRequest("max_completion_tokens and max_tokens are both given and differ; send "
+                         "one of them", param="max_completion_tokens", code="invalid_value")
+    return newer if newer is not None else older
 
 
 _PART_NEEDS = {"image_url": "vision", "input_image": "vision", "file": "documents",
@@ -268,14 +298,32 @@ def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:
     return frozenset(need)
 
 
+# The ledger's token columns are 32-bit integers; a count outside them is no real count.
+MAX_TOKENS = 2**31 - 1
+
+
 def usage_of(answer: dict[str, Any]) -> tuple[int, int] | None:
+    """(prompt, completion) tokens; None when the answer reports none. Numbers that cannot be
+    true (negative, not integers, past the ledger's range) make the answer an upstream error:
+    they must never be booked, nor credit a budget."""
     usage = answer.get("usage")
+    if usage is None:
+        return None
     if not isinstance(usage, dict):
-        return None
+        raise broken_usage(usage)
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
+    if prompt is None:
         return None
+    for n in (prompt, completion):
+        if type(n) is not int or not 0 <= n <= MAX_TOKENS:
+            raise broken_usage(usage)
     return prompt, completion
+
+
+def broken_usage(usage: object) -> UpstreamUnavailable:
+    kind = type(usage).__name__ if not isinstance(usage, dict) else "counts"
+    return UpstreamUnavailable(f"upstream reported impossible token usage ({kind})",
+                               code="upstream_error")
 
 
 def embeddings_answer(answer: dict[str, Any], encoding: str | None) -> dict[str, Any]:
@@ -311,54 +359,38 @@ def error_from_upstream(status: int, body: bytes) -> tuple[str, str | None, str 
             None if code is None else str(code))
 
 
-class StreamRelay:
-    """Relays SSE events as they complete, unchanged; parses only events that carry usage.
+class Scrubber:
+    """Replaces every configured provider credential in what goes back to a client.
 
-    With `include_usage`, OpenAI's extra usage chunk (empty choices) is added before
-    `data: [DONE]`, as OpenAI clients expect.
+    An upstream may echo euroute's `Authorization` header (in an answer, an error message, a
+    stream event); the app must never see euroute's provider key. The JSON-escaped form is
+    replaced too. Keys shorter than 8 characters are not real provider keys and would blank
+    out ordinary text, so they are left alone.
     """
 
-    __slots__ = ("_carry", "done", "events", "include_usage", "last_chunk", "usage")
+    __slots__ = ("_secrets",)
+    MARK = b"[redacted]"
 
-    def __init__(self, include_usage: bool) -> None:
-        self.include_usage = include_usage
-        self.usage: tuple[int, int] | None = None
-        self.last_chunk: dict[str, Any] | None = None
-        self._carry = b""
-        self.done = False
-        self.events = 0
+    def __init__(self, secrets: Iterable[str | None]) -> None:
+        forms = set()
+        for secret in secrets:
+            if secret and len(secret) >= 8:
+                forms.add(secret.encode())
+                forms.add(orjson.dumps(secret)[1:-1])
+        self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
-    def feed(self, chunk: bytes) -> bytes:
-        data = self._carry + chunk if self._carry else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._carry = data
-            return b""
-        complete, self._carry = data[: end + 2], data[end + 2:]
-        self.events += complete.count(b"\n\n")
-        if b'"usage"' in complete:
-            for event in complete.split(b"\n\n"):
-                if b'"usage"' in event and event.startswith(b"data: {"):
-                    self._take_usage(event[6:])
-        done_at = complete.find(b"data: [DONE]")
-        if done_at < 0:
-            return complete
-        self.done = True
-        return complete[:done_at] + self._usage_event() + complete[done_at:]
+    def __call__(self, raw: bytes) -> bytes:
+        for secret in self._secrets:
+            if secret in raw:
+                raw = raw.replace(secret, self.MARK)
+        return raw
 
-    def _take_usage(self, raw: bytes) -> None:
-        try:
-            chunk = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(chunk, dict) and (usage := usage_of(chunk)) is not None:
-            self.usage = usage
-            self.last_chunk = chunk
+    def text(self, value: str | None) -> str | None:
+        if value is None or not self._secrets:
+            return value
+        return self(value.encode()).decode()
 
-    def _usage_event(self) -> bytes:
-        if not self.include_usage or self.last_chunk is None:
-            return b""
-        c = self.last_chunk
-        extra = {"id": c.get("id"), "object": "chat.completion.chunk", "created": c.get("created"),
-                 "model": c.get("model"), "choices": [], "usage": c["usage"]}
-        return b"data: " + orjson.dumps(extra) + b"\n\n"
+    def error(self, exc: EurouteError) -> None:
+        """An upstream's error, as relayed and recorded (its code becomes the outcome)."""
+        exc.message = self.text(exc.message) or ""
+        exc.param, exc.code = self.text(exc.param), self.text(exc.code)

@@ -12,13 +12,14 @@ import datetime as dt
 import hashlib
 import logging
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from proxy.ledger.tables import api_keys
+from proxy.ledger.tables import api_keys, key_events
 from proxy.policy.load import PolicySet
 
 log = logging.getLogger("euroute.keys")
@@ -37,6 +38,13 @@ def policy_for(policies: PolicySet, app: str, policy: str | None) -> str:
     return chosen
 
 
+def check_app(app: object) -> str:
+    """An app name as the key table holds it, or ValueError."""
+    if not isinstance(app, str) or not 0 < len(app) <= 100 or not app.isprintable():
+        raise ValueError("app must be a name of 1 to 100 printable characters")
+    return app
+
+
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -49,23 +57,61 @@ class Key:
     policy: str
 
 
-async def create(engine: AsyncEngine, *, app: str, policy: str, role: Role) -> tuple[str, Key]:
-    """A new key: the secret (shown once) and its record."""
+class RoleNotAllowed(ValueError):
+    """The key exists, but its role is not one the caller may revoke."""
+
+
+async def create(engine: AsyncEngine, *, app: str, policy: str, role: Role, actor: str
+                 ) -> tuple[str, Key]:
+    """A new key: the secret (shown once) and its record. `actor` (the admin key's id, or
+    `cli`) is recorded in key_events in the same transaction."""
     secret = PREFIX + secrets.token_urlsafe(32)
     record = Key(id="key_" + secrets.token_hex(8), app=app, role=role, policy=policy)
+    now = dt.datetime.now(dt.UTC)
     async with engine.begin() as conn:
         await conn.execute(insert(api_keys).values(
             id=record.id, prefix=secret[: len(PREFIX) + 6], key_hash=digest(secret), app=app,
-            role=role, policy=policy, created_at=dt.datetime.now(dt.UTC)))
+            role=role, policy=policy, created_at=now))
+        await conn.execute(insert(key_events).values(
+            at=now, actor=actor, action="created", key_id=record.id, role=role, app=app))
     return secret, record
 
 
-async def revoke(engine: AsyncEngine, key_id: str) -> bool:
+async def revoke(engine: AsyncEngine, key_id: str, *, actor: str,
+                 roles: Collection[Role] = ROLES) -> bool:
+    """Revoke an active key; False when there is none. RoleNotAllowed when its role is not in
+    `roles` (over HTTP only app keys may be revoked)."""
+    now = dt.datetime.now(dt.UTC)
     async with engine.begin() as conn:
+        found = (await conn.execute(
+            select(api_keys.c.role, api_keys.c.app)
+            .where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None)))).first()
+        if found is None:
+            return False
+        if found.role not in roles:
+            raise RoleNotAllowed(f"key {key_id} has role {found.role!r}")
         result = await conn.execute(
             update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoked_at.is_(None))
-            .values(revoked_at=dt.datetime.now(dt.UTC)))
-    return result.rowcount == 1
+            .values(revoked_at=now))
+        if result.rowcount != 1:  # revoked meanwhile, by someone else
+            return False
+        await conn.execute(insert(key_events).values(
+            at=now, actor=actor, action="revoked", key_id=key_id, role=found.role,
+            app=found.app))
+    return True
+
+
+async def events(engine: AsyncEngine, start: dt.datetime | None = None,
+                 end: dt.datetime | None = None) -> list[dict[str, object]]:
+    """Key creations and revocations in [start, end), oldest first."""
+    where = [key_events.c.at >= start] if start is not None else []
+    if end is not None:
+        where.append(key_events.c.at < end)
+    cols = [c for c in key_events.columns if c.name != "id"]
+    async with engine.connect() as conn:
+        rows = await conn.execute(select(*cols).where(*where)
+                                  .order_by(key_events.c.at, key_events.c.id))
+        return [{str(k): v for k, v in r._mapping.items()} for r in rows]
 
 
 async def listing(engine: AsyncEngine) -> list[dict[str, object]]:

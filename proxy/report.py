@@ -16,6 +16,18 @@ FORMATS = ("table", "json", "csv")
 _NATIVE = frozenset({str, int, float, bool, type(None)})
 
 
+# A cell starting with one of these is a formula to a spreadsheet: a model id an app chose
+# would run as `=HYPERLINK(...)`. OWASP's CSV-injection advice: prefix a single quote.
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    """A value as a CSV cell: text that a spreadsheet would evaluate is neutralised."""
+    if type(value) is str:
+        return "'" + value if value.startswith(_FORMULA) else value
+    return value if type(value) in _NATIVE else _plain(value)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, Decimal):
         return format(value, "f")
@@ -31,17 +43,18 @@ def to_json(data: Any) -> bytes:
 def csv_lines(rows: Iterable[Mapping[str, Any]],
               columns: Sequence[str] | None = None) -> Iterator[str]:
     """CSV one line at a time, so a large export never sits in memory whole. The header is
-    `columns`, else the first row's keys (no rows and no columns: no output)."""
+    `columns`, else the first row's keys (no rows and no columns: no output). Lines end in
+    CRLF (RFC 4180), which also makes the writer quote a CR or LF inside a cell."""
     buffer = io.StringIO()
     writer: csv.DictWriter[str] | None = None
     if columns is not None:
-        writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=list(columns))
         writer.writeheader()
     for row in rows:
         if writer is None:
-            writer = csv.DictWriter(buffer, fieldnames=list(row), lineterminator="\n")
+            writer = csv.DictWriter(buffer, fieldnames=list(row))
             writer.writeheader()
-        writer.writerow({k: _plain(v) for k, v in row.items()})
+        writer.writerow({k: _cell(v) for k, v in row.items()})
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
@@ -54,10 +67,10 @@ async def csv_chunks(columns: Sequence[str], rows: AsyncIterable[Sequence[Any]],
     """A streamed CSV export: header, then rows, in chunks of about `size` characters (one
     write per chunk, not per row)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer)
     writer.writerow(columns)
     async for row in rows:
-        writer.writerow([v if type(v) in _NATIVE else _plain(v) for v in row])
+        writer.writerow([_cell(v) for v in row])
         if buffer.tell() >= size:
             yield buffer.getvalue()
             buffer.seek(0)

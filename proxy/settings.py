@@ -29,11 +29,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
     # HMAC key for end-user pseudonyms; never stored in the database.
     pseudonym_key: SecretStr | None = None
-    # "http1" (euroute's own, proxy/http1.py) measured fastest; "httpx" is httpx's own
-    # transport (HTTP proxies from the environment are not used either way): README, Performance.
-    upstream_transport: Literal["http1", "httpx"] = "http1"
-    upstream_timeout_s: float = Field(default=120.0, gt=0)
+    # "aiohttp": httpx-aiohttp (aiohttp under httpx's interface); "httpx": httpx's own transport.
+    upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
+    # Upstream limits; each route may override them in routes.yaml (`upstream:`).
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Until the answer's headers: a JSON answer's headers come after the whole generation.
+    upstream_first_byte_timeout_s: float = Field(default=120.0, gt=0)
+    # Longest silence between two stream events (or two reads of a JSON body).
+    upstream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    upstream_total_timeout_s: float = Field(default=600.0, gt=0)
+    upstream_max_json_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    upstream_max_event_bytes: int = Field(default=1024 * 1024, gt=0)
+    # All answer header lines together (and each one): larger answers are refused unread.
+    upstream_max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
     policy_poll_s: float = Field(default=2.0, ge=0)
     key_refresh_s: float = Field(default=2.0, gt=0)
     budget_cache_s: float = Field(default=5.0, ge=0)
@@ -44,6 +52,13 @@ class Settings(BaseSettings):
     # The writer counts as unhealthy when rows have waited this long without a successful write.
     ledger_max_outage_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+    # Client-side limits of `euroute serve` (proxy/serving.py, SECURITY.md).
+    max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    keep_alive_s: float = Field(default=5.0, gt=0)
+    # Per worker; lowered at start to what the file-descriptor limit allows.
+    max_connections: int = Field(default=1024, gt=0)
     # Shared rate-limit windows (redis:// or rediss://, Redis or Valkey); unset: per replica.
     redis_url: SecretStr | None = None
     # Prefixes every key, so that several deployments can share one Redis.

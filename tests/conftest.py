@@ -19,7 +19,7 @@ import uvicorn
 from sqlalchemy import select
 from sqlalchemy.pool import NullPool
 
-from proxy import keys
+from proxy import keys, serving
 from proxy.app import create_app
 from proxy.ledger.db import make_engine, migrate
 from proxy.ledger.tables import ledger
@@ -123,9 +123,9 @@ class Proxy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, lifespan="on",
-                                log_config=None, log_level="warning", access_log=False,
-                                timeout_graceful_shutdown=5)
+        # The configuration `euroute serve` runs, client limits included.
+        config = serving.config(settings, self.app, host="127.0.0.1", port=0, log_config=None,
+                                log_level="warning", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="euroute", daemon=True)
 
@@ -174,7 +174,8 @@ class Proxy:
 async def _create_key(url: str, app: str, policy: str, role: str) -> tuple[str, keys.Key]:
     engine = make_engine(url, poolclass=NullPool)
     try:
-        return await keys.create(engine, app=app, policy=policy, role=role)  # type: ignore[arg-type]
+        return await keys.create(engine, app=app, policy=policy, role=role,  # type: ignore[arg-type]
+                                 actor="cli")
     finally:
         await engine.dispose()
 

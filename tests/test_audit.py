@@ -529,8 +529,8 @@ def test_admin_manages_keys_and_reads_no_ledger(proxy: Proxy, api: Api, admin: s
     assert listed[created["id"]]["revoked_at"] is None
     assert new_key not in json.dumps(listed, default=str)
     # An app in apps.yaml gets its policy from there.
-    r = api.post("/v1/admin/keys", admin, {"app": "hr-assistant", "role": "auditor"})
-    assert (r.status_code, r.json()["policy"], r.json()["role"]) == (201, "eu-strict", "auditor")
+    r = api.post("/v1/admin/keys", admin, {"app": "hr-assistant"})
+    assert (r.status_code, r.json()["policy"], r.json()["role"]) == (201, "eu-strict", "app")
     for body, param in [({"app": app}, "policy"), ({"app": app, "policy": "nope"}, "policy"),
                         ({"app": "", "policy": "eu-standard"}, "app"),
                         ({"app": app, "policy": "eu-standard", "role": "root"}, "role"),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import openai
+import orjson
 import pytest
 from mistralai.client import Mistral
 
@@ -254,15 +256,15 @@ def test_upstream_errors_come_back_openai_shaped(http: httpx.Client, proxy: Prox
 
 
 def test_upstream_timeout_is_504(proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
-    gateway = proxy.gateway
-    saved = gateway.upstream.timeout
-    gateway.upstream.timeout = httpx.Timeout(0.3).as_dict()
+    upstream = proxy.gateway.upstream
+    saved = upstream.defaults
+    upstream.defaults = dataclasses.replace(saved, first_byte_timeout_s=0.3)
     try:
         fake.delay_next(1.5)
         r = httpx.post(f"{proxy.url}/chat/completions", json={"model": MODEL, "messages": HELLO},
                        headers={"authorization": f"Bearer {app_key}"}, timeout=10)
     finally:
-        gateway.upstream.timeout = saved
+        upstream.defaults = saved
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
     assert proxy.row(r.headers["x-request-id"])["outcome"] == "upstream_timeout"
 
@@ -282,7 +284,9 @@ def test_cut_stream_is_recorded(http: httpx.Client, proxy: Proxy, fake: FakeMist
                      json={"model": MODEL, "messages": HELLO, "stream": True}) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data:")]
         request_id = r.headers["x-request-id"]
-    assert len(lines) == 2 and "data: [DONE]" not in lines
+    # Two events, then an error event in OpenAI's stream shape, never [DONE].
+    assert len(lines) == 3 and "data: [DONE]" not in lines
+    assert orjson.loads(lines[2][6:])["error"]["code"] == "stream_cut"
     row = proxy.row(request_id)
     assert row["outcome"] == "stream_cut" and row["usage_missing"] is True
 
@@ -315,7 +319,8 @@ def test_httpx_transport_relays_answers_streams_errors_and_timeouts(
             client.chat.completions.create(model=MODEL, messages=HELLO)
         assert failed.value.status_code == 503
 
-        server.gateway.upstream.timeout = httpx.Timeout(0.3).as_dict()
+        upstream = server.gateway.upstream
+        upstream.defaults = dataclasses.replace(upstream.defaults, first_byte_timeout_s=0.3)
         fake.delay_next(1.5)
         r = httpx.post(f"{server.url}/chat/completions", json={"model": MODEL, "messages": HELLO},
                        headers={"authorization": f"Bearer {key}"}, timeout=10)

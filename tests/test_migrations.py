@@ -60,7 +60,7 @@ async def _inspect(url: str) -> tuple[set[str], list[Any]]:
 def test_upgrade_from_empty_matches_the_models(empty: str) -> None:
     run(_apply(empty, "head"))
     tables, diff = run(_inspect(empty))
-    assert {"ledger", "ledger_tombstones", "ledger_chains", "api_keys"} <= tables
+    assert {"ledger", "ledger_tombstones", "ledger_chains", "api_keys", "key_events"} <= tables
     assert diff == []
 
 

@@ -6,6 +6,7 @@ stream. What reached providers (transfers, copies, contracts) is in `providers.p
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import Counter
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -29,16 +30,39 @@ EXPORT_COLUMNS: Sequence[str] = tuple(
     str(c.name) for c in ledger.columns if c.name != "end_user_salt")
 
 
+# What a filter may compare a column with: the column's length, and no control characters
+# (PostgreSQL refuses NUL in text; nothing stored has any).
+FILTER_LENGTHS = {name: ledger.c[name].type.length for name in FILTERS}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def instant(text: str) -> dt.datetime:
-    """A UTC instant from YYYY-MM-DD or an ISO timestamp (naive means UTC)."""
-    value = dt.datetime.fromisoformat(text)
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    """A UTC instant from YYYY-MM-DD or an ISO timestamp (naive means UTC). ValueError on
+    anything else, including times that do not exist in UTC (year 1 at +14:00)."""
+    if not text.isascii():
+        raise ValueError(f"not an ISO 8601 date or time: {text!r}")
+    try:
+        value = dt.datetime.fromisoformat(text)
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
 
 
 def until(text: str) -> dt.datetime:
     """The end of a range: a plain date (`--to 2026-11-30`) includes that whole day."""
     value = instant(text)
-    return value + dt.timedelta(days=1) if len(text) == 10 else value
+    try:
+        return value + dt.timedelta(days=1) if len(text) == 10 else value
+    except OverflowError:
+        raise ValueError(f"{text!r} is the last day there is; give a time instead") from None
+
+
+def filter_value(name: str, text: str) -> str:
+    """`text` as a filter on column `name`, or ValueError: no value the column cannot hold."""
+    limit = FILTER_LENGTHS[name]
+    if len(text) > limit or _CONTROL.search(text):
+        raise ValueError(f"{name} must be at most {limit} characters without control characters")
+    return text
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

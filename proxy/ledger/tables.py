@@ -133,3 +133,17 @@ api_keys = Table(
     Column("last_used_at", UTCDateTime(), nullable=True),
     Column("revoked_at", UTCDateTime(), nullable=True),
 )
+
+# Every key created or revoked, and by whom: the acting admin key's id, or `cli` for the
+# command line (which needs database access, not a key). Auditors read it; nothing updates it.
+key_events = Table(
+    "key_events", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("actor", String(40), nullable=False),
+    Column("action", String(10), nullable=False),
+    Column("key_id", String(40), nullable=False),
+    Column("role", String(10), nullable=False),
+    Column("app", String(100), nullable=False),
+    Index(None, "at"),
+)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,10 +211,16 @@ def evaluate(route: Route, rules: Rules, contracts: Contracts, today: dt.date) -
     return checks
 
 
-def model_allowed(policy: Policy, model: str) -> Check:
-    denied = next((g for g in policy.models.deny if fnmatch.fnmatchcase(model, g)), None)
+def model_allowed(policy: Policy, model: str, names: Sequence[str] = ()) -> Check:
+    """The models rule for `model`, whose other names (the upstream model and every alias of
+    the routes serving it) are `names`. A model denied under one name is denied under all of
+    them; an allow rule must match the name asked for, so allowing fewer names never admits
+    more."""
+    denied = next(((n, g) for g in policy.models.deny for n in (model, *names)
+                   if fnmatch.fnmatchcase(n, g)), None)
     if denied:
-        return Check("models", False, f"model {model} matches deny rule {denied!r}")
+        also = "" if denied[0] == model else f" (also named {denied[0]})"
+        return Check("models", False, f"model {model}{also} matches deny rule {denied[1]!r}")
     allowed = next((g for g in policy.models.allow if fnmatch.fnmatchcase(model, g)), None)
     if allowed is None:
         return Check("models", False, f"model {model} matches no allow rule")
@@ -285,7 +292,8 @@ def decide(policy: Policy, rules: Rules, model: str, routes: list[Route], enable
         # A stable sort keeps catalog order among equal prices.
         verdicts.sort(key=lambda v: v.route.pricing.input_per_1m + v.route.pricing.output_per_1m)
     verdicts.sort(key=lambda v: not v.ok)
-    return Decision(policy, model, rules, model_allowed(policy, model), tuple(verdicts))
+    names = sorted({n for r in routes for n in (r.upstream_model, *r.models)})
+    return Decision(policy, model, rules, model_allowed(policy, model, names), tuple(verdicts))
 
 
 def with_narrowing(rules: Rules, names: frozenset[str]) -> Rules:

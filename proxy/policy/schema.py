@@ -80,6 +80,17 @@ class RouteLimits(Strict):
     max_output_tokens: int | None = Field(default=None, gt=0)
 
 
+class RouteUpstream(Strict):
+    """Per-route overrides of the EUROUTE_UPSTREAM_* limits (README, Upstream)."""
+
+    connect_timeout_s: float | None = Field(default=None, gt=0)
+    first_byte_timeout_s: float | None = Field(default=None, gt=0)
+    idle_timeout_s: float | None = Field(default=None, gt=0)
+    total_timeout_s: float | None = Field(default=None, gt=0)
+    max_json_bytes: int | None = Field(default=None, gt=0)
+    max_event_bytes: int | None = Field(default=None, gt=0)
+
+
 class Route(Strict):
     id: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")]
     provider: str
@@ -96,6 +107,7 @@ class Route(Strict):
     # The API the route speaks (proxy/dialects/) and the optional parameters it takes.
     dialect: Literal["mistral", "openai"] = "mistral"
     parameters: frozenset[Parameter] = frozenset()
+    upstream: RouteUpstream | None = None
 
 
 class Catalog(Strict):

@@ -42,6 +42,7 @@ class Stream(Protocol):
 
 class Exchange(Protocol):
     request: dict[str, Any]
+    passthrough: bool  # an answer already in the internal shape may go on as it came
 
     def answer(self, completion: dict[str, Any]) -> bytes: ...
     def stream(self) -> Stream: ...

@@ -47,10 +47,11 @@ def native(message: dict[str, Any]) -> None:
 
 
 class ChatExchange:
-    __slots__ = ("include_usage", "native", "request")
+    __slots__ = ("include_usage", "native", "passthrough", "request")
 
     def __init__(self, request: dict[str, Any], native: bool, include_usage: bool) -> None:
         self.request, self.native, self.include_usage = request, native, include_usage
+        self.passthrough = not native
 
     def answer(self, completion: dict[str, Any]) -> bytes:
         if self.native:

@@ -215,6 +215,7 @@ def _input(arguments: Any) -> Any:
 
 class MessagesExchange:
     __slots__ = ("id", "request")
+    passthrough = False
 
     def __init__(self, request: dict[str, Any]) -> None:
         self.request = request

@@ -216,6 +216,8 @@ def _call(item_id: str, call_id: str, name: str, arguments: str, status: str
 class ResponsesExchange:
     __slots__ = ("created", "echo", "id", "request")
 
+    passthrough = False
+
     def __init__(self, request: dict[str, Any], echo: dict[str, Any]) -> None:
         self.request, self.echo = request, echo
         self.id = _id("resp")
