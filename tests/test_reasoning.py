@@ -135,11 +135,10 @@ def test_openai_sdk_stream_accumulates_with_plus_equals(proxy: Proxy, app_key: s
     client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
     fake.answer_next("A streamed answer.", thinking="Think it through first.")
     text, thinking = "", ""
-    with client.chat.completions.with_raw_response.create(
-            model=MODEL, messages=HELLO, stream=True,
-            stream_options={"include_usage": True}) as raw:
-        request_id = raw.headers["x-request-id"]
-        chunks = list(raw.parse())
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=HELLO, stream=True, stream_options={"include_usage": True})
+    request_id = raw.headers["x-request-id"]
+    chunks = list(raw.parse())
     for chunk in chunks:
         if chunk.choices:
             text += chunk.choices[0].delta.content  # a string on every delta: no TypeError

@@ -123,10 +123,10 @@ def test_the_openai_dialect_route_end_to_end(selfhosted: tuple[Proxy, FakeOpenAI
     sent = fake.last.json
     assert sent["seed"] == 5 and "random_seed" not in sent  # the fake refuses unknown fields
 
-    with client.chat.completions.with_raw_response.create(
-            model=SELFHOSTED, messages=HELLO, stream=True) as streamed:
-        request_id = streamed.headers["x-request-id"]
-        chunks = list(streamed.parse())
+    streamed = client.chat.completions.with_raw_response.create(
+        model=SELFHOSTED, messages=HELLO, stream=True)
+    request_id = streamed.headers["x-request-id"]
+    chunks = list(streamed.parse())
     assert all(c.choices for c in chunks)  # usage was asked for euroute, not for this client
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
         "Served from the open weights."
