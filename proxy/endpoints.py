@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -163,20 +164,14 @@ class Gateway:
         self.admitted_unrecorded = 0
         self.pseudonym_key = (settings.pseudonym_key.get_secret_value().encode()
                               if settings.pseudonym_key else os.urandom(32))
+        # One handler per inbound API, named for its endpoint (proxy/app.py routes its PATH).
+        for endpoint in SURFACES:
+            setattr(self, endpoint, functools.partial(self._call, endpoint=endpoint))
 
     # -- the proxied endpoints --------------------------------------------------------------
 
-    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._call(scope, receive, send, "chat")
-
-    async def responses(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._call(scope, receive, send, "responses")
-
-    async def messages(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._call(scope, receive, send, "messages")
-
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._call(scope, receive, send, "embeddings")
+        await self._call(scope, receive, send, endpoint="embeddings")
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()

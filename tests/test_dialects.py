@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 import yaml
@@ -14,6 +15,8 @@ import yaml
 from proxy import dialect, dialects
 from proxy.errors import BadRequest
 from proxy.policy.schema import Catalog, Route
+from tests.conftest import Proxy
+from tests.fake_mistral import FakeMistral
 from tests.fake_openai import FakeOpenAI
 
 CATALOG = Catalog.model_validate(yaml.safe_load(
@@ -143,3 +146,25 @@ def test_an_openai_dialect_upstream_takes_the_body_and_rejects_mistral_names(
         bad = http.post("/chat/completions", content=orjson.dumps(
             dialects.chat_body(internal, MISTRAL)))
         assert bad.status_code == 400 and "random_seed" in bad.json()["message"]
+
+
+def test_through_the_proxy_supported_fields_are_forwarded_and_others_refused(
+        proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
+    client = openai.OpenAI(base_url=proxy.url, api_key=app_key)
+    weather = {"name": "weather", "parameters": {"type": "object", "properties": {}}}
+    client.chat.completions.create(model="magistral-small-2509", messages=HELLO,  # type: ignore[call-overload]
+                                   logprobs=True, top_logprobs=2, n=2, seed=4,
+                                   functions=[weather], function_call="auto")
+    sent = fake.last.json
+    assert (sent["logprobs"], sent["top_logprobs"], sent["n"], sent["random_seed"]) == (
+        True, 2, 2, 4)
+    assert sent["tools"] == [{"type": "function", "function": weather}]
+    assert sent["tool_choice"] == "auto" and "functions" not in sent
+    raw = client.chat.completions.with_raw_response
+    with pytest.raises(openai.BadRequestError) as caught:
+        raw.create(model="magistral-small-2509", messages=HELLO, reasoning_effort="high")
+    assert caught.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+    assert caught.value.body["param"] == "reasoning_effort"  # type: ignore[index]
+    row = proxy.row(caught.value.response.headers["x-request-id"])
+    assert (row["outcome"], row["status"]) == ("invalid_request", 400)
+    assert len(fake.received) == 1

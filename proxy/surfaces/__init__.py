@@ -6,13 +6,14 @@ proxy/dialect.py) and renders the internal answer (a chat completion, or a strea
 chunks, with the thinking in `reasoning_content`) and euroute's errors in its own shape. The
 gateway runs the same pipeline for every surface. Each module has:
 
+    PATH                        where it is served (POST)
     ENDPOINT                    the endpoint name the ledger records
     parse(data, headers)        an Exchange for one request (raises BadRequest)
     error(exc)                  the body of an error, in the surface's shape
 
 and each Exchange has `request` (the internal request), `answer(completion) -> bytes` and
 `stream() -> Stream`, whose `feed(chunk)`, `close()` and `fail(exc)` return the bytes to send.
-Adding a surface is one module here and its path in proxy/app.py.
+Adding a surface is one module here, named in proxy/endpoints.py's SURFACES.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import orjson
 from proxy import dialect
 from proxy.errors import BadRequest, EurouteError
 
+PATH = "/v1/chat/completions"
 ENDPOINT = "chat"
 
 

@@ -18,6 +18,7 @@ from proxy import dialect
 from proxy.errors import BadRequest, EurouteError, PolicyViolation
 from proxy.surfaces import ChunkStream, first_choice, sse, tool_call_deltas, usage_pair
 
+PATH = "/v1/messages"
 ENDPOINT = "messages"
 _RENAMED = {"model": "model", "max_tokens": "max_tokens", "temperature": "temperature",
             "top_p": "top_p", "stream": "stream", "stop_sequences": "stop"}

@@ -18,6 +18,7 @@ from proxy import dialect
 from proxy.errors import BadRequest, EurouteError
 from proxy.surfaces import ChunkStream, first_choice, sse, tool_call_deltas, usage_pair
 
+PATH = "/v1/responses"
 ENDPOINT = "responses"
 _STORED = ("previous_response_id", "conversation", "prompt")
 # Responses field -> chat field, for the ones that only change name.
