@@ -170,6 +170,8 @@ def test_messages_create_with_thinking_tools_and_ledger(proxy: Proxy, app_key: s
                                       "content": "sunny"}]}])
     assert done.content[-1].text == "Sunny in Nice."  # type: ignore[union-attr]
     assert fake.last.json["messages"][-1]["role"] == "tool"
+    claude.close()
+    bearer.close()
 
 
 def test_messages_stream(proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
@@ -183,6 +185,7 @@ def test_messages_stream(proxy: Proxy, app_key: str, fake: FakeMistral) -> None:
     assert [b.type for b in final.content] == ["thinking", "text"]
     assert final.content[0].thinking == "Think, then answer."  # type: ignore[union-attr]
     assert final.usage.output_tokens == 13 and final.usage.input_tokens == 21
+    claude.close()
 
 
 def test_messages_without_max_tokens_is_refused_in_anthropics_shape(

@@ -5,7 +5,6 @@ route, which speaks OpenAI's dialect, end to end."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -71,20 +70,22 @@ def test_each_surface_takes_the_same_path_and_audit_counts_them_all(
     monkeypatch.setenv("EUROUTE_DATABASE_URL", proxy.settings.database_url)
     capsys.readouterr()
     assert main(["audit", "usage", "--group-by", "endpoint", "--format", "json"]) == 0
-    counted = {r["endpoint"]: r["requests"] for r in json.loads(capsys.readouterr().out)}
+    counted: dict[str, int] = {}
+    for r in json.loads(capsys.readouterr().out):  # a row per endpoint and currency
+        counted[r["endpoint"]] = counted.get(r["endpoint"], 0) + r["requests"]
     assert all(counted[e] >= 2 for e in ("chat", "responses", "messages"))
 
 
 def test_a_denial_through_each_sdk(proxy: Proxy, fake: FakeMistral) -> None:
     key = proxy.key("surfaces-sdk-strict", "eu-strict")
-    client = openai.OpenAI(base_url=proxy.url, api_key=key)
-    with pytest.raises(openai.PermissionDeniedError) as chat_denied:
-        client.chat.completions.create(model=MODEL, messages=HELLO)
-    with pytest.raises(openai.PermissionDeniedError) as responses_denied:
-        client.responses.create(model=MODEL, input="Hello")
-    with pytest.raises(anthropic.PermissionDeniedError) as messages_denied:
-        anthropic.Anthropic(base_url=proxy.origin, api_key=key).messages.create(
-            model=MODEL, max_tokens=10, messages=HELLO)  # type: ignore[arg-type]
+    with openai.OpenAI(base_url=proxy.url, api_key=key) as client, \
+            anthropic.Anthropic(base_url=proxy.origin, api_key=key) as claude:
+        with pytest.raises(openai.PermissionDeniedError) as chat_denied:
+            client.chat.completions.create(model=MODEL, messages=HELLO)
+        with pytest.raises(openai.PermissionDeniedError) as responses_denied:
+            client.responses.create(model=MODEL, input="Hello")
+        with pytest.raises(anthropic.PermissionDeniedError) as messages_denied:
+            claude.messages.create(model=MODEL, max_tokens=10, messages=HELLO)  # type: ignore[arg-type]
     for exc in (chat_denied.value, responses_denied.value):
         assert exc.body["code"] == "no_compliant_route" and exc.body["decision_id"]  # type: ignore[index]
     body = messages_denied.value.body
@@ -96,61 +97,55 @@ def test_a_denial_through_each_sdk(proxy: Proxy, fake: FakeMistral) -> None:
 def selfhosted(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[Proxy, FakeOpenAI]]:
     """The self-hosted template enabled, served by an OpenAI-dialect upstream."""
-    saved = {k: os.environ.get(k) for k in ("SELFHOSTED_BASE_URL", "SELFHOSTED_API_KEY")}
-    with FakeOpenAI(api_key="sk-selfhosted-test") as fake:
-        os.environ.update(SELFHOSTED_BASE_URL=fake.url, SELFHOSTED_API_KEY="sk-selfhosted-test")
-        try:
-            policy_dir = copy_policies(Path(tmp_path_factory.mktemp("selfhosted")))
-            with Proxy(proxy_settings(db_url, policy_dir)) as server:
-                yield server, fake
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with FakeOpenAI(api_key="sk-selfhosted-test") as fake, pytest.MonkeyPatch.context() as env:
+        env.setenv("SELFHOSTED_BASE_URL", fake.url)
+        env.setenv("SELFHOSTED_API_KEY", "sk-selfhosted-test")
+        policy_dir = copy_policies(Path(tmp_path_factory.mktemp("selfhosted")))
+        with Proxy(proxy_settings(db_url, policy_dir)) as server:
+            yield server, fake
 
 
 def test_the_openai_dialect_route_end_to_end(selfhosted: tuple[Proxy, FakeOpenAI]) -> None:
     proxy, fake = selfhosted
     key = proxy.key("selfhosted-app", "eu-strict")
-    client = openai.OpenAI(base_url=proxy.url, api_key=key)
-    raw = client.chat.completions.with_raw_response.create(
-        model=SELFHOSTED, messages=HELLO, seed=5, temperature=0.1)
-    reply = raw.parse()
-    assert raw.headers["x-euroute-route"] == "selfhosted-eu-magistral-small"
-    assert reply.choices[0].message.content == "Served from the open weights."
-    sent = fake.last.json
-    assert sent["seed"] == 5 and "random_seed" not in sent  # the fake refuses unknown fields
+    with openai.OpenAI(base_url=proxy.url, api_key=key) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=SELFHOSTED, messages=HELLO, seed=5, temperature=0.1)
+        reply = raw.parse()
+        assert raw.headers["x-euroute-route"] == "selfhosted-eu-magistral-small"
+        assert reply.choices[0].message.content == "Served from the open weights."
+        sent = fake.last.json
+        assert sent["seed"] == 5 and "random_seed" not in sent  # the fake refuses unknown fields
 
-    streamed = client.chat.completions.with_raw_response.create(
-        model=SELFHOSTED, messages=HELLO, stream=True)
-    request_id = streamed.headers["x-request-id"]
-    chunks = list(streamed.parse())
-    assert all(c.choices for c in chunks)  # usage was asked for euroute, not for this client
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
-        "Served from the open weights."
-    assert fake.last.json["stream_options"] == {"include_usage": True}
-    row = proxy.row(request_id)
-    assert row["completion_tokens"] == 13 and not row["usage_missing"]
+        streamed = client.chat.completions.with_raw_response.create(
+            model=SELFHOSTED, messages=HELLO, stream=True)
+        request_id = streamed.headers["x-request-id"]
+        chunks = list(streamed.parse())
+        assert all(c.choices for c in chunks)  # usage was asked for euroute, not for this client
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == \
+            "Served from the open weights."
+        assert fake.last.json["stream_options"] == {"include_usage": True}
+        row = proxy.row(request_id)
+        assert row["completion_tokens"] == 13 and not row["usage_missing"]
 
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=SELFHOSTED, messages=HELLO,
-                                       extra_body={"safe_prompt": True})
-    assert caught.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
-    assert caught.value.body["param"] == "safe_prompt"  # type: ignore[index]
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model=SELFHOSTED, messages=HELLO,
+                                           extra_body={"safe_prompt": True})
+        assert caught.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+        assert caught.value.body["param"] == "safe_prompt"  # type: ignore[index]
 
 
 def test_a_route_without_vision_is_not_chosen_for_images(
         selfhosted: tuple[Proxy, FakeOpenAI]) -> None:
     proxy, fake = selfhosted
-    client = openai.OpenAI(base_url=proxy.url, api_key=proxy.key("vision-app", "eu-strict"))
-    before = len(fake.received)
-    with pytest.raises(openai.PermissionDeniedError) as caught:
-        client.chat.completions.create(model=SELFHOSTED, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": PNG}}]}])
-    reasons = caught.value.body["reasons"]  # type: ignore[index]
-    assert {"route": "selfhosted-eu-magistral-small", "requirement": "capabilities",
-            "message": "route lacks vision"} in reasons
-    assert len(fake.received) == before
+    key = proxy.key("vision-app", "eu-strict")
+    with openai.OpenAI(base_url=proxy.url, api_key=key) as client:
+        before = len(fake.received)
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            client.chat.completions.create(model=SELFHOSTED, messages=[
+                {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": PNG}}]}])
+        reasons = caught.value.body["reasons"]  # type: ignore[index]
+        assert {"route": "selfhosted-eu-magistral-small", "requirement": "capabilities",
+                "message": "route lacks vision"} in reasons
+        assert len(fake.received) == before
