@@ -3,6 +3,7 @@
     python bench/ledger.py                      # SQLite and PostgreSQL, 100,000 rows each
     python bench/ledger.py --db sqlite --rows 20000
     python bench/ledger.py --pg-url postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
+    python bench/ledger.py --intents 5000      # also: what durability (intents) costs
 
 Rows are built the way proxy/endpoints.py builds them for an answered chat completion (same
 keys, same value shapes, a decision JSON like the real one, a pseudonymous end user on a share
@@ -147,6 +148,42 @@ async def paced(url: str, rate: int, seconds: float, batch_size: int) -> dict[st
         await engine.dispose()
 
 
+async def intents(url: str, concurrency: int, requests: int, durable: bool) -> dict[str, Any]:
+    """Requests as the gateway makes them: `begin()` (the intent, committed before forwarding)
+    then `submit()`, `concurrency` at a time. With durable off, `begin()` returns at once: the
+    difference is what durability costs per request (CPU of this process, which runs the
+    writer too; the wait before forwarding)."""
+    engine = make_engine(url)
+    try:
+        await migrate(engine)
+        writer = Writer(engine, buffer_rows=10 ** 9, durable=durable)
+        key_id, version = "key_" + uuid.uuid4().hex[:16], uuid.uuid4().hex * 2
+        made = [make_row(i, key_id, version) for i in range(requests)]
+        decision = orjson.loads(made[0].decision)
+        writer.start()
+        waits: list[float] = []
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(row: RequestRecord) -> None:
+            async with gate:
+                t = time.perf_counter()
+                await writer.begin(row, decision, True)
+                waits.append(time.perf_counter() - t)
+                writer.submit(row)
+        cpu0, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(one(row) for row in made))
+        await writer.close(timeout_s=600)
+        cpu, elapsed = time.process_time() - cpu0, time.perf_counter() - started
+        waits.sort()
+        return {"durable": durable, "concurrency": concurrency, "requests": requests,
+                "cpu_us_per_request": round(cpu / requests * 1e6, 1),
+                "begin_p50_ms": round(waits[len(waits) // 2] * 1e3, 3),
+                "begin_p99_ms": round(waits[int(len(waits) * 0.99)] * 1e3, 3),
+                "intent_commits": writer.intent_commits, "seconds": round(elapsed, 2)}
+    finally:
+        await engine.dispose()
+
+
 async def pg_database(base: str) -> tuple[str, Any] | None:
     """Create a throwaway database; return (its URL, a dropper), or None if no server."""
     import asyncpg
@@ -189,6 +226,10 @@ async def bench_db(kind: str, args: argparse.Namespace) -> dict[str, Any] | None
         def url(tag: str) -> str:
             return base
     try:
+        if args.intents:
+            result["intents"] = [
+                await intents(url(f"intents-{c}-{d}"), c, args.intents, d)
+                for c in (1, 32) for d in (False, True)]
         result["burst"] = await burst(url("burst"), args.rows, args.batch_size)
         if not args.no_paced:
             result["paced"] = await paced(url("paced"), TARGETS[kind], args.paced_seconds,
@@ -221,6 +262,9 @@ def main() -> int:
                              "EUROUTE_LEDGER_BATCH_SIZE=500)")
     parser.add_argument("--paced-seconds", type=float, default=5.0)
     parser.add_argument("--no-paced", action="store_true")
+    parser.add_argument("--intents", type=int, default=0, metavar="N",
+                        help="also measure durability: N requests through begin() + submit() "
+                             "at concurrency 1 and 32, intents off and on")
     parser.add_argument("--pg-url", default="postgresql+asyncpg://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
@@ -239,6 +283,14 @@ def main() -> int:
         lines.append(f"| {r['database']} | {b['rows']} | {b['rows_per_s']:,} | "
                      f"{b['cpu_us_per_row']} | {r['target_rows_per_s']:,} "
                      f"{'PASS' if r['meets_target'] else 'MISS'} | {paced_text} |")
+    costs = [(r["database"], m) for r in results for m in r.get("intents", ())]
+    if costs:
+        lines += ["", "Durability: the intent committed before forwarding (begin), per request",
+                  "", "| database | concurrency | intents | CPU us/request | wait before "
+                  "forwarding p50 ms | p99 ms | commits |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {db} | {m['concurrency']} | {'on' if m['durable'] else 'off'} | "
+                  f"{m['cpu_us_per_request']} | {m['begin_p50_ms']} | {m['begin_p99_ms']} | "
+                  f"{m['intent_commits']} |" for db, m in costs]
     table = "\n".join(lines)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@
     python bench/run.py --smoke              # seconds; CI runs this to keep the script working
     python bench/run.py --workers 1 --transport aiohttp --requests 50000
     python bench/run.py --tls                # the same over TLS to the upstream (trustme CA)
+    python bench/run.py --workers 1 --transport aiohttp --durable both [--ledger postgresql]
+                                             # what the ledger's durability costs
 
 It starts the sandbox upstream (uvicorn + uvloop + httptools, its own process) and
 `euroute serve` (ledger on, SQLite or `--ledger postgresql`), drives them with wrk (installed with apt-get when missing)
@@ -514,13 +516,15 @@ class Tls:
 class Config:
     def __init__(self, transport: str, workers: int, sizes: Sizes, tmp: Path, pin: bool,
                  upstream_workers: int, chunks: int, ledger: str = "sqlite",
-                 tls: bool = False) -> None:
+                 tls: bool = False, durable: bool = True) -> None:
         self.transport, self.workers, self.sizes, self.backend = transport, workers, sizes, ledger
+        self.durable = durable
         # the name in reports: TLS runs are told apart from plaintext ones
         self.label = f"{transport}+tls" if tls else transport
-        self.tls = Tls(tmp / f"{self.label}-w{workers}-tls") if tls else None
+        run_name = f"{self.label}-w{workers}-{'durable' if durable else 'buffered'}"
+        self.tls = Tls(tmp / f"{run_name}-tls") if tls else None
         self.scheme = "https" if tls else "http"
-        self.tmp = tmp / f"{self.label}-w{workers}"
+        self.tmp = tmp / run_name
         self.tmp.mkdir(parents=True)
         self.ledger = Ledger(ledger, self.tmp)
         self.layout = layout(workers, pin)
@@ -533,6 +537,7 @@ class Config:
                 "EUROUTE_DATABASE_URL": self.ledger.url,
                 "EUROUTE_POLICY_DIR": str(REPO / "policies"),
                 "EUROUTE_UPSTREAM_TRANSPORT": self.transport,
+                "EUROUTE_LEDGER_DURABLE": "true" if self.durable else "false",
                 "EUROUTE_LOG_LEVEL": "warning",
                 "MISTRAL_BASE_URL": f"{self.scheme}://127.0.0.1:{self.up_port}/v1",
                 **({"SSL_CERT_FILE": str(self.tls.ca)} if self.tls else {}),
@@ -592,6 +597,7 @@ class Config:
             if not proxy.alive():
                 self.problems.append(f"euroute died:\n{proxy.tail()}")
             return {"transport": self.label, "workers": self.workers, "ledger": self.backend,
+                    "durable": self.durable,
                     "upstream_workers": self.upstream_workers, "layout": self.layout.describe(),
                     "modes": modes, "problems": self.problems, "noise": self.noise}
         finally:
@@ -786,6 +792,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {c['transport']} | {mode} | {_f(a['floor_p50_c1'])} | {_f(a['p50_c1'])} | "
                 f"{_f(a['p50_c1'] - a['floor_p50_c1'])} | {_f(a.get('floor_ttfe_p50'))} | "
                 f"{_f(a.get('ttfe_p50'))} |")
+    lines += durability(report["configs"])
     lines += ["", "Layout: " + "; ".join(f"{c['transport']} w={c['workers']}: {c['layout']}"
                                          for c in report["configs"])]
     if report["targets"]:
@@ -802,10 +809,39 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def durability(configs: list[dict[str, Any]]) -> list[str]:
+    """What the intent committed before forwarding costs: the same configuration with
+    EUROUTE_LEDGER_DURABLE off and on (`--durable both`)."""
+    runs = {(c["transport"], c["workers"], c.get("durable", True)): c for c in configs}
+    pairs = [(off, runs[(t, w, True)]) for (t, w, d), off in runs.items()
+             if not d and (t, w, True) in runs]
+    if not pairs:
+        return []
+    lines = ["", "Durability (an intent committed before forwarding; README, Ledger): the same "
+             "configuration without and with it.", "",
+             "| transport | workers | mode | CPU ms/req c=1 off / on | CPU ms/req c=32 off / on "
+             "| +p50 c=1 ms off / on | +p99 c=1 ms off / on | +p50 c=32 ms off / on | "
+             "req/s c=32 off / on |", "|---|---|---|---|---|---|---|---|---|"]
+    for off, on in pairs:
+        for mode in on["modes"]:
+            a, b = off["modes"][mode], on["modes"][mode]
+            lines.append(
+                f"| {on['transport']} | {on['workers']} | {mode} | "
+                f"{_f(a['proxy_c1']['cpu_ms_per_request'], 3)} / "
+                f"{_f(b['proxy_c1']['cpu_ms_per_request'], 3)} | "
+                f"{_f(a['proxy_c32']['cpu_ms_per_request'], 3)} / "
+                f"{_f(b['proxy_c32']['cpu_ms_per_request'], 3)} | "
+                f"{_f(a['added_ms']['p50_c1'])} / {_f(b['added_ms']['p50_c1'])} | "
+                f"{_f(a['added_ms']['p99_c1'])} / {_f(b['added_ms']['p99_c1'])} | "
+                f"{_f(a['added_ms']['p50_c32'], 1)} / {_f(b['added_ms']['p50_c32'], 1)} | "
+                f"{a['rps_c32']:.0f} / {b['rps_c32']:.0f} |")
+    return lines
+
+
 def targets(configs: list[dict[str, Any]]) -> list[tuple[str, bool]]:
     out = []
     for c in configs:
-        if c["workers"] != 1:
+        if c["workers"] != 1 or not c.get("durable", True):  # targets hold for the default
             continue
         t, j, s = c["transport"], c["modes"]["json"], c["modes"]["stream"]
         checks = [
@@ -856,6 +892,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledger", choices=("sqlite", "postgresql"), default="sqlite",
                         help="ledger database (postgresql: a fresh database on the server at "
                              "EUROUTE_BENCH_PG, default 127.0.0.1:5432 user postgres)")
+    parser.add_argument("--durable", choices=("on", "off", "both"), default="on",
+                        help="intents before forwarding (EUROUTE_LEDGER_DURABLE); both: each "
+                             "configuration without and with, and what it costs")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin processes to CPUs with taskset")
     parser.add_argument("--check-targets", action="store_true",
@@ -883,12 +922,16 @@ def main(argv: list[str] | None = None) -> int:
                                   "ledger": args.ledger,
                                   "targets_definition": TARGETS, "configs": []}
         with tempfile.TemporaryDirectory(prefix="euroute-bench-") as tmp:
+            durables = {"on": [True], "off": [False], "both": [False, True]}[args.durable]
             for t in transports:
                 for w in workers:
-                    print(f"== transport={t} workers={w}", file=sys.stderr, flush=True)
-                    cfg = Config(t, w, sizes, Path(tmp), not args.no_pin,
-                                 args.upstream_workers, args.chunks, args.ledger, args.tls)
-                    report["configs"].append(cfg.run())
+                    for d in durables:
+                        print(f"== transport={t} workers={w} durable={d}", file=sys.stderr,
+                              flush=True)
+                        cfg = Config(t, w, sizes, Path(tmp), not args.no_pin,
+                                     args.upstream_workers, args.chunks, args.ledger, args.tls,
+                                     d)
+                        report["configs"].append(cfg.run())
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,8 @@ from proxy.access import error_response
 from proxy.endpoints import SURFACES, Gateway
 from proxy.errors import EurouteError, NotFound
 from proxy.keys import KeyCache
+from proxy.ledger.anchors import AnchorSink
+from proxy.ledger.chain import DEV_KEY
 from proxy.ledger.db import make_engine, migrate
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets
@@ -93,10 +95,18 @@ def create_app(settings: Settings | None = None) -> Euroute:
             await migrate(engine)
         keys = KeyCache(engine, settings.key_refresh_s)
         await keys.load()
-        writer = Writer(engine, batch_size=settings.ledger_batch_size,
+        keyring = settings.keyring()
+        if keyring.current.id == DEV_KEY.id:
+            log.warning("EUROUTE_LEDGER_KEY is not set: the ledger chain uses the public "
+                        "development key and proves nothing against database writers")
+        writer = Writer(engine, keyring=keyring, batch_size=settings.ledger_batch_size,
                         gather_s=settings.ledger_gather_s,
                         buffer_rows=settings.ledger_buffer_rows,
-                        max_outage_s=settings.ledger_max_outage_s)
+                        max_outage_s=settings.ledger_max_outage_s,
+                        durable=settings.ledger_durable,
+                        heartbeat_s=settings.ledger_heartbeat_s, grace_s=settings.ledger_grace_s,
+                        anchors=AnchorSink(settings.anchor_dir, keyring.current),
+                        anchor_s=settings.anchor_interval_s)
         upstream = Upstream(settings)
         budgets = Budgets(engine, settings.budget_cache_s)
         gateway = Gateway(settings, policies, keys, writer, upstream, budgets)

@@ -206,7 +206,7 @@ async def key_events(request: Request, key: Key) -> Response:
 @allow("auditor")
 async def verify(request: Request, key: Key) -> Response:
     query_params(request, frozenset())
-    result = await queries.verify(_engine(request))
+    result = await queries.verify(_engine(request), request.app.state.gateway.writer.keyring)
     if not result["ok"]:
         raise LedgerTampered(result["finding"], rows_verified=result["rows"])
     return json_response(result)

@@ -1,18 +1,22 @@
-"""`euroute audit ...`, `euroute purge` and `euroute erase`: the compliance commands."""
+"""`euroute audit ...`, `purge`, `erase` and `backup`: the compliance commands."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import keys, records, report
-from proxy.ledger import providers, queries, retention
+from proxy.ledger import anchors, providers, queries, retention
 from proxy.ledger.db import make_engine
 from proxy.ledger.queries import Window
 from proxy.policy.load import PolicyError, PolicySet, read
@@ -141,28 +145,45 @@ async def key_events(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def verify(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        keyring = settings.keyring()
+        anchored = anchors.read(args.anchors) if args.anchors else None
+    except (ValueError, OSError) as exc:
+        err(str(exc))
+        return 2
     async with engine_from(settings) as engine:
-        result = await queries.verify(engine)
+        result = await queries.verify(engine, keyring, anchored)
     if args.format == "json":
         print(report.to_json(result).decode())
-    elif result["ok"]:
-        print(f"OK: {result['rows']} rows in {result['writers']} chains verified")
+        return 0 if result["ok"] else 1
+    if result["ok"]:
+        print(f"OK: {result['rows']} rows in {result['writers']} chains verified"
+              + (f" against {result['anchors']} anchors" if anchored is not None else ""))
     else:
         print(f"FAILED after {result['rows']} good rows: {result['finding']}")
+    if result["unkeyed_rows"]:
+        print(f"NOTE: {result['unkeyed_rows']} rows are unkeyed (written before keyed "
+              "chains): anyone with database access could have rewritten them")
+    if result["dev_key"]:
+        print("NOTE: verified with the public development key: it proves nothing against "
+              "database writers (set EUROUTE_LEDGER_KEY)")
+    if result["dead_letters"]:
+        print(f"DEAD LETTERS: {result['dead_letters']} rows the database refused are kept in "
+              "ledger_dead_letters, outside the chains")
     return 0 if result["ok"] else 1
 
 
-# -- retention and erasure --------------------------------------------------------------------
+# -- retention, erasure, backup ---------------------------------------------------------------
 
 async def purge(args: argparse.Namespace, settings: Settings) -> int:
-    today = dt.datetime.now(dt.UTC).date()
-    before = args.before or today
-    if before > today:
-        err(f"--before {before} is in the future: that would delete rows still within "
-             "their retention period")
+    before = args.before or dt.datetime.now(dt.UTC).date()
+    try:
+        keyring = settings.keyring()
+        async with engine_from(settings) as engine:
+            counts = await retention.purge(engine, before, keyring, dry_run=args.dry_run)
+    except ValueError as exc:
+        err(f"--before {exc}" if "future" in str(exc) else str(exc))
         return 2
-    async with engine_from(settings) as engine:
-        counts = await retention.purge(engine, before, dry_run=args.dry_run)
     rows = [{"writer_id": w, "rows": n} for w, n in counts.items()]
     if args.format != "table":
         _show(rows, args.format)
@@ -181,10 +202,37 @@ async def erase(args: argparse.Namespace, settings: Settings) -> int:
              "with, the subject's rows cannot be found")
         return 2
     async with engine_from(settings) as engine:
-        touched = await retention.erase(engine, settings.pseudonym_key.get_secret_value().encode(),
-                                        args.subject)
+        touched, behind = await retention.erase(
+            engine, settings.pseudonym_key.get_secret_value().encode(), args.subject,
+            grace_s=settings.ledger_grace_s, timeout_s=args.timeout)
     print(f"erased the subject's pseudonym from {touched} rows")
+    if behind:
+        err(f"incomplete: {len(behind)} running writers did not acknowledge within "
+            f"{args.timeout:g}s ({', '.join(behind)}); run erase again")
+        return 1
     return 0
+
+
+async def backup(args: argparse.Namespace, settings: Settings) -> int:
+    url = make_url(settings.database_url)
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        err("euroute backup copies a SQLite ledger; for PostgreSQL use pg_dump "
+            "(README, Ledger: Backups)")
+        return 2
+    if args.path.exists():
+        err(f"{args.path} exists: backup writes a new file only")
+        return 2
+    await asyncio.to_thread(_sqlite_backup, url.database, args.path)
+    print(f"backed up {url.database} to {args.path}")
+    return 0
+
+
+def _sqlite_backup(source: str, dest: Path) -> None:
+    """SQLite's online backup API: a consistent copy that includes what is still in the WAL,
+    taken while the proxy keeps writing."""
+    with contextlib.closing(sqlite3.connect(source)) as src, \
+            contextlib.closing(sqlite3.connect(dest)) as out:
+        src.backup(out)
 
 
 # -- the parsers ------------------------------------------------------------------------------
@@ -200,7 +248,7 @@ def _filters(p: argparse.ArgumentParser, formats: tuple[str, ...] = report.FORMA
 
 
 def add_commands(sub: Any) -> None:
-    """Add `audit`, `purge` and `erase` to the `euroute` parser's subcommands."""
+    """Add `audit`, `purge`, `erase` and `backup` to the `euroute` parser's subcommands."""
     aud = sub.add_parser("audit", help="query the ledger").add_subparsers(dest="audit_command",
                                                                         required=True)
     p = aud.add_parser("usage", help="requests, tokens and cost")
@@ -237,6 +285,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--format", choices=report.FORMATS, default="table")
     p.set_defaults(run=key_events)
     p = aud.add_parser("verify", help="check the hash chains; non-zero exit on tampering")
+    p.add_argument("--anchors", type=Path,
+                   help="anchor file or directory (EUROUTE_ANCHOR_DIR) to check against")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(run=verify)
 
@@ -248,4 +298,9 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(run=purge)
     p = sub.add_parser("erase", help="remove a data subject's pseudonym (GDPR Art. 17)")
     p.add_argument("--subject", required=True, help="the end-user id the app sent")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for running proxies to acknowledge")
     p.set_defaults(run=erase)
+    p = sub.add_parser("backup", help="copy a SQLite ledger, WAL included, while it runs")
+    p.add_argument("path", type=Path, help="the new file")
+    p.set_defaults(run=backup)

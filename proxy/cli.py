@@ -32,6 +32,11 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     if policies_or_none(settings) is None:
         return 2
+    try:
+        settings.keyring()
+    except ValueError as exc:
+        err(str(exc))
+        return 2
     if settings.migrate_on_start:
         # Once, here, not in every worker.
         asyncio.run(_migrate(settings))

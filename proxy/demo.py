@@ -103,7 +103,7 @@ async def run(settings: Settings) -> int:
         # Leaving the proxy flushed its ledger writer.
         _say("ledger, usage by app (euroute audit usage):")
         _say(report.table(await queries.usage(engine, group_by="app")))
-        verdict = await queries.verify(engine)
+        verdict = await queries.verify(engine, settings.keyring())
         _say(f"\nhash chains (euroute audit verify): "
              f"{'OK' if verdict['ok'] else 'FAILED'}, {verdict['rows']} rows")
         await engine.dispose()

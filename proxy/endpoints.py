@@ -239,7 +239,9 @@ class Gateway:
             await self.rates.admit(key.id, policy)
             await self.budgets.admit(key.app, policy.limits.budget,
                                      self._worst_case(routes[0], request, len(body)))
-            # Admitted: a durable record of the intent belongs here, before any byte leaves.
+            # Admitted: a durable record of the intent, before any byte leaves.
+            route_facts(row, routes[0], policies)  # the intent names the first choice
+            await self.writer.begin(row, decision, policy.audit.on_write_failure == "reject")
             exchange = Exchange(policies, routes, request, endpoint, surface, row, decision,
                                 started)
             route, usage = await self._forward(receive, send, exchange, reply_headers)

@@ -69,6 +69,12 @@ LEDGER_BATCHES = Counter("euroute_ledger_batches", "Ledger batches written")
 LEDGER_FAILURES = Counter("euroute_ledger_write_failures", "Failed ledger writes (retried)")
 LEDGER_WAITS = Counter("euroute_ledger_backpressure_waits", "Requests that waited for the "
                        "ledger writer to catch up")
+LEDGER_DEAD = Counter("euroute_ledger_dead_letters", "Ledger rows the database refused, kept "
+                      "in ledger_dead_letters")
+LEDGER_RESTARTS = Counter("euroute_ledger_writer_restarts", "Ledger writer tasks that died "
+                          "and were restarted")
+LEDGER_RECOVERED = Counter("euroute_ledger_recovered", "Requests a stopped writer left open, "
+                           "recorded as outcome_unknown")
 UNRECORDED = Counter("euroute_admitted_unrecorded", "Requests admitted while the ledger could "
                      "not be written (policies with audit.on_write_failure: admit)")
 POLICY = Gauge("euroute_policy_info", "The policy version in force (1) and those before (0)",
@@ -121,6 +127,9 @@ class Sampler:
         self._advance(LEDGER_BATCHES, writer.batches)
         self._advance(LEDGER_FAILURES, writer.failures)
         self._advance(LEDGER_WAITS, writer.waits)
+        self._advance(LEDGER_DEAD, writer.dead_letters)
+        self._advance(LEDGER_RESTARTS, writer.restarts)
+        self._advance(LEDGER_RECOVERED, writer.recovered)
         self._advance(UNRECORDED, self.gateway.admitted_unrecorded)
         self._advance(RELOADS.labels("ok"), policies.reloads)
         self._advance(RELOADS.labels("failed"), policies.failed_reloads)

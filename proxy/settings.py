@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from proxy.ledger.chain import DEV_SECRET, Keyring
+
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -52,6 +54,22 @@ class Settings(BaseSettings):
     # The writer counts as unhealthy when rows have waited this long without a successful write.
     ledger_max_outage_s: float = Field(default=30.0, gt=0)
     log_level: str = "info"
+    # production: `serve` refuses to start without EUROUTE_LEDGER_KEY.
+    env: Literal["development", "production"] = "development"
+    # HMAC key of the ledger's hash chains, kept outside the database (README, Ledger).
+    # Unset in development: the public development key, which protects nothing.
+    ledger_key: SecretStr | None = None
+    # Retired ledger keys, comma-separated: what they signed keeps verifying.
+    ledger_keys_old: SecretStr | None = None
+    # Where writers append their chain heads (JSON Lines); unset: the log only.
+    anchor_dir: Path | None = None
+    anchor_interval_s: float = Field(default=60.0, gt=0)
+    # An intent is committed before each request is forwarded (durable across SIGKILL).
+    ledger_durable: bool = True
+    ledger_heartbeat_s: float = Field(default=2.0, gt=0)
+    # Recovery takes over the open intents of writers silent for longer than this.
+    ledger_grace_s: float = Field(default=30.0, gt=0)
+
     # Client-side limits of `euroute serve` (proxy/serving.py, SECURITY.md).
     max_header_bytes: int = Field(default=32 * 1024, gt=0)
     header_timeout_s: float = Field(default=10.0, gt=0)
@@ -72,6 +90,19 @@ class Settings(BaseSettings):
                 ("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return url
+
+    def keyring(self) -> Keyring:
+        """The ledger keys; in production a real key is required."""
+        if self.ledger_key is None or not self.ledger_key.get_secret_value():
+            if self.env == "production":
+                raise ValueError("EUROUTE_LEDGER_KEY is not set: in production the ledger "
+                                 "refuses to write a chain anyone with database access could "
+                                 "rewrite (README, Ledger)")
+            current: str | bytes = DEV_SECRET
+        else:
+            current = self.ledger_key.get_secret_value()
+        old = self.ledger_keys_old.get_secret_value() if self.ledger_keys_old else ""
+        return Keyring.of(current, old)
 
     def resolved_policy_dir(self) -> Path:
         if self.policy_dir is not None:

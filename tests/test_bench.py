@@ -14,7 +14,8 @@ from tests.conftest import REPO
 SMOKES = {
     "proxy": ["bench/run.py", "--smoke"],
     "proxy-postgresql": ["bench/run.py", "--smoke", "--ledger", "postgresql", "--out", "{tmp}"],
-    "ledger": ["bench/ledger.py", "--rows", "3000", "--no-paced", "--out", "{tmp}"],
+    "ledger": ["bench/ledger.py", "--rows", "3000", "--no-paced", "--intents", "300",
+               "--out", "{tmp}"],
     "audit": ["bench/audit_summary.py", "--smoke"],
 }
 

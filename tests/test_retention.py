@@ -16,7 +16,7 @@ from sqlalchemy.pool import NullPool
 
 from proxy.cli import main
 from proxy.ledger import queries, retention
-from proxy.ledger.chain import pseudonym
+from proxy.ledger.chain import DEV_KEYRING, pseudonym
 from proxy.ledger.db import make_engine
 from proxy.ledger.tables import ledger, tombstones
 from tests.conftest import (
@@ -31,8 +31,18 @@ from tests.conftest import (
 )
 from tests.made_rows import made_row, write
 
-TODAY = dt.datetime.now(dt.UTC).date()
-PAST, FUTURE = TODAY - dt.timedelta(days=1), TODAY + dt.timedelta(days=30)
+
+def today() -> dt.date:
+    """Read in each test, never at import: a run that crosses UTC midnight still agrees."""
+    return dt.datetime.now(dt.UTC).date()
+
+
+def past() -> dt.date:
+    return today() - dt.timedelta(days=1)
+
+
+def future() -> dt.date:
+    return today() + dt.timedelta(days=30)
 
 
 async def _run(url: str, work: Any) -> Any:
@@ -61,10 +71,11 @@ class Ledger:
     def __init__(self, url: str) -> None:
         self.url = url
         self.keep = [1, 2, 4, 5]  # indexes into the mixed chain that stay
-        dates = [PAST, FUTURE, FUTURE, PAST, FUTURE, FUTURE, PAST]
+        p, f = past(), future()
+        dates = [p, f, f, p, f, f, p]
         self.mixed_rows = [made_row("kept-app", retain_until=d) for d in dates]
         self.mixed = run(write(url, self.mixed_rows))
-        self.expired = run(write(url, [made_row("old-app", retain_until=PAST) for _ in range(3)]))
+        self.expired = run(write(url, [made_row("old-app", retain_until=p) for _ in range(3)]))
 
     def request_ids(self) -> list[str]:
         return [r["request_id"] for r in run(ledger_rows(self.url))]
@@ -91,15 +102,15 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
 # -- purge ------------------------------------------------------------------------------------
 
 def test_dry_run_counts_and_deletes_nothing(fresh: Ledger) -> None:
-    counts = run(_run(fresh.url, lambda e: retention.purge(e, TODAY, dry_run=True)))
+    counts = run(_run(fresh.url, lambda e: retention.purge(e, today(), DEV_KEYRING, dry_run=True)))
     assert counts == {fresh.mixed: 3, fresh.expired: 3}
     assert len(fresh.request_ids()) == 10
-    assert run(_run(fresh.url, lambda e: retention.purge(e, PAST, dry_run=True))) == {}
+    assert run(_run(fresh.url, lambda e: retention.purge(e, past(), DEV_KEYRING, dry_run=True))) == {}
 
 
 def test_purge_leaves_tombstones_and_the_rest_still_verifies(fresh: Ledger) -> None:
     assert _verify(fresh.url)["ok"] is True
-    counts = run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
+    counts = run(_run(fresh.url, lambda e: retention.purge(e, today(), DEV_KEYRING)))
     assert counts == {fresh.mixed: 3, fresh.expired: 3}
     assert fresh.request_ids() == [fresh.mixed_rows[i].request_id for i in fresh.keep]
     stones = run(_run(fresh.url, _tombstones))
@@ -107,7 +118,7 @@ def test_purge_leaves_tombstones_and_the_rest_still_verifies(fresh: Ledger) -> N
                       (fresh.expired, 1), (fresh.expired, 2), (fresh.expired, 3)}
     result = _verify(fresh.url)
     assert (result["ok"], result["rows"], result["writers"]) == (True, 4, 2)
-    assert run(_run(fresh.url, lambda e: retention.purge(e, TODAY))) == {}
+    assert run(_run(fresh.url, lambda e: retention.purge(e, today(), DEV_KEYRING))) == {}
 
 
 async def _tombstones(engine: Any) -> set[tuple[str, int]]:
@@ -117,7 +128,7 @@ async def _tombstones(engine: Any) -> set[tuple[str, int]]:
 
 
 def test_tampering_is_still_caught_after_a_purge(fresh: Ledger, tmp_path: Path) -> None:
-    run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
+    run(_run(fresh.url, lambda e: retention.purge(e, today(), DEV_KEYRING)))
     third = fresh.mixed_rows[2].request_id  # seq 3, between the tombstones of 1 and 4
     _execute(fresh.url, update(ledger).where(ledger.c.request_id == third).values(cost_nanos=1))
     found = _verify(fresh.url)
@@ -134,7 +145,7 @@ def test_tampering_is_still_caught_after_a_purge(fresh: Ledger, tmp_path: Path) 
 
 
 def test_a_row_deleted_without_a_tombstone_is_caught_after_a_purge(fresh: Ledger) -> None:
-    run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
+    run(_run(fresh.url, lambda e: retention.purge(e, today(), DEV_KEYRING)))
     sixth = fresh.mixed_rows[5].request_id
     _execute(fresh.url, delete(ledger).where(ledger.c.request_id == sixth))
     found = _verify(fresh.url)
@@ -143,7 +154,7 @@ def test_a_row_deleted_without_a_tombstone_is_caught_after_a_purge(fresh: Ledger
 
 
 def test_a_removed_tombstone_is_caught(fresh: Ledger) -> None:
-    run(_run(fresh.url, lambda e: retention.purge(e, TODAY)))
+    run(_run(fresh.url, lambda e: retention.purge(e, today(), DEV_KEYRING)))
     _execute(fresh.url, delete(tombstones).where(tombstones.c.writer_id == fresh.mixed,
                                                  tombstones.c.seq == 4))
     found = _verify(fresh.url)
@@ -152,11 +163,11 @@ def test_a_removed_tombstone_is_caught(fresh: Ledger) -> None:
 
 def test_purge_command(fresh: Ledger, cli: Any) -> None:
     code, out, _ = cli(fresh.url, "purge", "--dry-run")
-    assert code == 0 and out.startswith(f"would delete 6 rows with retain_until before {TODAY}")
+    assert code == 0 and out.startswith(f"would delete 6 rows with retain_until before {today()}")
     assert fresh.mixed in out and fresh.expired in out
-    code, _, err = cli(fresh.url, "purge", "--before", FUTURE.isoformat())
+    code, _, err = cli(fresh.url, "purge", "--before", future().isoformat())
     assert code == 2 and "in the future" in err
-    code, out, _ = cli(fresh.url, "purge", "--before", PAST.isoformat())
+    code, out, _ = cli(fresh.url, "purge", "--before", past().isoformat())
     assert code == 0 and out.startswith("deleted 0 rows")
     code, out, _ = cli(fresh.url, "purge", "--format", "json")
     assert code == 0 and '"rows": 3' in out and len(fresh.request_ids()) == 4

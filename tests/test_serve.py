@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -43,6 +44,15 @@ def start(env: dict[str, str], log: Path, *args: str) -> tuple[subprocess.Popen[
         time.sleep(0.05)
 
 
+def chat_once(client: httpx.Client, url: str, i: int) -> httpx.Response:
+    """One chat completion, streamed when i is even, read to its end."""
+    r = client.post(f"{url}/v1/chat/completions",
+                    json={"model": "magistral-small-2509", "stream": i % 2 == 0,
+                          "messages": [{"role": "user", "content": f"n{i}"}]})
+    r.read()
+    return r
+
+
 def test_sighup_reloads_policies(db_url: str, tmp_path: Path) -> None:
     policy_dir = copy_policies(tmp_path / "policies")
     env = {**os.environ, "EUROUTE_DATABASE_URL": db_url, "EUROUTE_POLICY_DIR": str(policy_dir),
@@ -74,21 +84,24 @@ def test_sigterm_under_load_loses_no_answered_request(db_url: str, tmp_path: Pat
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     log = tmp_path / "serve.log"
     server, url = start(env, log)
+    answers = threading.Semaphore(0)
+    # One client for all threads: a client per request builds a TLS context each time, and
+    # that alone kept two cores busy for half a minute.
+    client = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=16),
+                          headers={"authorization": f"Bearer {key}"})
     try:
         def one(i: int) -> str | None:
             try:
-                r = httpx.post(f"{url}/v1/chat/completions", timeout=30,
-                               headers={"authorization": f"Bearer {key}"},
-                               json={"model": "magistral-small-2509", "stream": i % 2 == 0,
-                                     "messages": [{"role": "user", "content": f"n{i}"}]})
-                r.read()
+                r = chat_once(client, url, i)
             except httpx.TransportError:
                 return None  # refused once shutdown began: never answered, nothing to record
+            answers.release()
             return r.headers["x-request-id"] if r.status_code == 200 else None
 
-        with ThreadPoolExecutor(16) as pool:
+        with client, ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(one, i) for i in range(400)]
-            time.sleep(0.5)
+            for _ in range(10):  # SIGTERM once ten requests were answered, under load
+                assert answers.acquire(timeout=30), log.read_text()
             server.send_signal(signal.SIGTERM)
             answered = [rid for f in futures if (rid := f.result())]
         # uvicorn re-raises SIGTERM once it has shut down gracefully.

@@ -15,10 +15,19 @@ from typing import Any, Literal
 
 import orjson
 from sqlalchemy import ColumnElement, and_, case, func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from proxy.ledger.chain import first_fault
-from proxy.ledger.tables import chains, ledger, tombstones
+from proxy.ledger import anchors
+from proxy.ledger.chain import (
+    DEV_KEY,
+    DEV_KEYRING,
+    TOMBSTONE_REASONS,
+    ChainCheck,
+    Keyring,
+    head_mac,
+    tombstone_mac,
+)
+from proxy.ledger.tables import chains, dead_letters, ledger, tombstones
 
 FILTERS = ("app", "model", "route", "policy", "outcome")
 GROUPS = ("app", "model", "route", "day", "month", "policy", "outcome", "endpoint")
@@ -221,27 +230,73 @@ async def export(engine: AsyncEngine, window: Window = EVERYTHING, *,
                 yield tuple(row)
 
 
-async def verify(engine: AsyncEngine) -> dict[str, Any]:
-    """Re-check every writer's hash chain; name the first altered, missing or moved row."""
+async def verify(engine: AsyncEngine, keyring: Keyring = DEV_KEYRING,
+                 anchored: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Re-check every writer's keyed hash chain, its head and its tombstones; name the first
+    altered, missing, moved or forged one. With `anchored` (anchors.read), also check the
+    database against every anchor published outside it."""
+    result: dict[str, Any] = {"ok": True, "rows": 0, "writers": 0, "finding": None,
+                              "unkeyed_rows": 0, "dev_key": keyring.current.id == DEV_KEY.id}
     async with engine.connect() as conn:
-        heads = (await conn.execute(select(chains).order_by(chains.c.started_at))).all()
-        writers = {h.writer_id: h for h in heads}
-        for (wid,) in (await conn.execute(select(ledger.c.writer_id).distinct())).all():
-            if wid not in writers:
-                return {"ok": False, "rows": 0, "finding": f"unknown_writer: writer {wid} "
-                        "has rows but no chain head"}
-        checked = 0
-        for head in heads:
-            stones = {s.seq: s.row_hash for s in (await conn.execute(
-                select(tombstones.c.seq, tombstones.c.row_hash)
-                .where(tombstones.c.writer_id == head.writer_id))).all()}
-            result = await conn.stream(select(ledger).where(
-                ledger.c.writer_id == head.writer_id).order_by(ledger.c.seq)
-                .execution_options(yield_per=5000))
-            rows = (plain(r) async for r in result)
-            n, finding = await first_fault(rows, head.writer_id, stones, head.last_seq,
-                                           head.last_hash)
-            checked += n
-            if finding is not None:
-                return {"ok": False, "rows": checked, "finding": str(finding)}
-    return {"ok": True, "rows": checked, "writers": len(heads), "finding": None}
+        result["dead_letters"] = (await conn.execute(
+            select(func.count()).select_from(dead_letters))).scalar_one()
+        finding = await _chains(conn, keyring, result)
+        if finding is None and anchored is not None:
+            found = await anchors.check(conn, anchored, keyring)
+            finding = "; ".join(found) if found else None
+            result["anchors"] = len(anchored)
+    result.update(ok=finding is None, finding=finding)
+    return result
+
+
+async def _chains(conn: AsyncConnection, keyring: Keyring, result: dict[str, Any]
+                  ) -> str | None:
+    heads = (await conn.execute(select(chains).order_by(chains.c.started_at))).all()
+    writers = {h.writer_id: h for h in heads}
+    result["writers"] = len(heads)
+    for (wid,) in (await conn.execute(select(ledger.c.writer_id).distinct())).all():
+        if wid not in writers:
+            return f"unknown_writer: writer {wid} has rows but no chain head"
+    for head in heads:
+        keyed = head.hash_key_id is not None
+        if keyed:
+            key = keyring.get(head.hash_key_id)
+            if key is None:
+                return f"unknown_key: writer {head.writer_id} head (key {head.hash_key_id})"
+            if head.head_mac != head_mac(key, head.writer_id, head.last_seq, head.last_hash):
+                return f"forged_head: writer {head.writer_id} seq {head.last_seq}"
+        stones: dict[int, str] = {}
+        for s in (await conn.execute(select(tombstones).where(
+                tombstones.c.writer_id == head.writer_id))).all():
+            if (problem := _tombstone_fault(plain(s), keyring, keyed)) is not None:
+                return f"{problem}: writer {head.writer_id} seq {s.seq}"
+            stones[s.seq] = s.row_hash
+        check = ChainCheck(head.writer_id, stones, keyring, keyed)
+        stream = await conn.stream(select(ledger).where(
+            ledger.c.writer_id == head.writer_id).order_by(ledger.c.seq)
+            .execution_options(yield_per=5000))
+        async for row in stream:
+            if (found := check.feed(plain(row))) is not None:
+                result["rows"] += check.rows
+                return str(found)
+        result["rows"] += check.rows
+        result["unkeyed_rows"] += check.unkeyed
+        if (found := check.end(head.last_seq, head.last_hash)) is not None:
+            return str(found)
+    return None
+
+
+def _tombstone_fault(stone: dict[str, Any], keyring: Keyring, keyed: bool) -> str | None:
+    """A tombstone must be keyed like its chain, name a known reason, and (for a purge) stand
+    for a row whose retention period had ended."""
+    if stone["hash_key_id"] is None:
+        return "unkeyed_tombstone" if keyed else None
+    key = keyring.get(stone["hash_key_id"])
+    if key is None:
+        return "unknown_key"
+    if stone["mac"] != tombstone_mac(key, stone) or stone["reason"] not in TOMBSTONE_REASONS:
+        return "forged_tombstone"
+    if stone["reason"] == "retention_purge" and not (
+            stone["retain_until"] < stone["purged_at"].date()):
+        return "purged_in_retention"
+    return None

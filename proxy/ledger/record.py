@@ -114,6 +114,7 @@ class RequestRecord:
     seq: int | None = None
     prev_hash: str | None = None
     row_hash: str | None = None
+    hash_key_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.created_at.tzinfo is None:

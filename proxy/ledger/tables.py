@@ -94,6 +94,8 @@ ledger = Table(
     Column("content_stored", Boolean, nullable=False),
     Column("prev_hash", String(64), nullable=False),
     Column("row_hash", String(64), nullable=False),
+    # Which ledger key made row_hash; NULL: an unkeyed row from before keyed chains.
+    Column("hash_key_id", String(16), nullable=True),
     UniqueConstraint("writer_id", "seq"),
     Index(None, "created_at"),
     Index(None, "app", "created_at"),
@@ -109,6 +111,12 @@ tombstones = Table(
     Column("seq", BigInteger, primary_key=True),
     Column("row_hash", String(64), nullable=False),
     Column("purged_at", UTCDateTime(), nullable=False),
+    # Keyed like rows (NULL on tombstones from before keyed chains): why, and the deleted
+    # row's retain-until date, so verify rejects a purge inside the retention period.
+    Column("reason", String(20), nullable=True),
+    Column("retain_until", Date, nullable=True),
+    Column("hash_key_id", String(16), nullable=True),
+    Column("mac", String(64), nullable=True),
 )
 
 # Each writer's chain head, updated with every batch, so a cut-off tail is noticed too.
@@ -118,7 +126,45 @@ chains = Table(
     Column("started_at", UTCDateTime(), nullable=False),
     Column("last_seq", BigInteger, nullable=False),
     Column("last_hash", String(64), nullable=False),
+    # Also the writer's heartbeat: recovery leaves alone the intents of a writer seen lately.
     Column("updated_at", UTCDateTime(), nullable=False),
+    Column("hash_key_id", String(16), nullable=True),
+    Column("head_mac", String(64), nullable=True),
+    # The last erasure request this writer applies to every row it writes from then on.
+    Column("erasure_seen", BigInteger, nullable=False, server_default="0"),
+    # Set when the writer stopped cleanly (nothing buffered, no intent open): nobody waits for it.
+    Column("stopped_at", UTCDateTime(), nullable=True),
+)
+
+# Written (group commit) before a request is forwarded, deleted in the transaction that writes
+# its ledger row: what a crash leaves here becomes an `outcome_unknown` row at recovery.
+intents = Table(
+    "ledger_intents", metadata,
+    Column("request_id", String(40), primary_key=True),
+    Column("writer_id", String(32), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("facts", Text, nullable=False),  # the row as known before forwarding, JSON
+    Index(None, "writer_id"),
+)
+
+# Rows the database refused (a value out of a column's range, ...): kept with the error
+# instead of blocking every row behind them; `audit verify` lists them.
+dead_letters = Table(
+    "ledger_dead_letters", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("request_id", String(40), nullable=True),
+    Column("writer_id", String(32), nullable=False),
+    Column("failed_at", UTCDateTime(), nullable=False),
+    Column("error", String(500), nullable=False),
+    Column("record", Text, nullable=False),
+)
+
+# Subjects to erase (GDPR Art. 17): each writer applies them to rows it still holds.
+erasures = Table(
+    "ledger_erasures", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("end_user", String(64), nullable=False),
+    Column("requested_at", UTCDateTime(), nullable=False),
 )
 
 api_keys = Table(

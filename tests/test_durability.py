@@ -1,0 +1,374 @@
+"""The ledger keeps its evidence through crashes and bad rows: SIGKILL under load, rows the
+database refuses, a writer task that dies, an erasure while rows are still buffered, backups."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.pool import NullPool
+
+from proxy.cli import main
+from proxy.ledger.chain import pseudonym
+from proxy.ledger.db import make_engine
+from proxy.ledger.tables import dead_letters, intents, ledger
+from proxy.ledger.writer import Writer
+from tests.conftest import (
+    PSEUDONYM_KEY,
+    Proxy,
+    _migrate,
+    copy_policies,
+    ledger_rows,
+    new_database,
+    proxy_settings,
+    run,
+)
+from tests.fake_mistral import UPSTREAM_KEY, FakeMistral
+from tests.made_rows import made_row
+from tests.test_ledger import _verify
+from tests.test_serve import chat_once, start
+
+LEDGER_KEY = "test-ledger-key-durability"
+
+
+@pytest.fixture
+def fresh_url(db_url: str, tmp_path: Path) -> Iterator[str]:
+    url, drop = new_database("sqlite" if db_url.startswith("sqlite") else "postgresql", tmp_path)
+    run(_migrate(url))
+    yield url
+    drop()
+
+
+async def _count(url: str, table: Any, *where: Any) -> int:
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            return int((await conn.execute(select(func.count()).select_from(table)
+                                           .where(*where))).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+def _until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+# -- SIGKILL ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigkill_under_load_leaves_a_row_for_every_forwarded_request(
+        fresh_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    slow = FakeMistral(stream_chunks=3, delay_s=0.02).start()
+    env = {**os.environ, "EUROUTE_DATABASE_URL": fresh_url, "MISTRAL_BASE_URL": slow.url,
+           "MISTRAL_API_KEY": UPSTREAM_KEY, "EUROUTE_PSEUDONYM_KEY": PSEUDONYM_KEY,
+           "EUROUTE_LEDGER_KEY": LEDGER_KEY, "EUROUTE_ANCHOR_DIR": str(tmp_path / "anchors"),
+           "EUROUTE_LEDGER_HEARTBEAT_S": "0.2", "EUROUTE_LEDGER_GRACE_S": "1",
+           # A long gather keeps finished rows in memory, where SIGKILL loses them.
+           "EUROUTE_LEDGER_GATHER_S": "0.5",
+           "EUROUTE_POLICY_DIR": str(copy_policies(tmp_path / "policies"))}
+    key = subprocess.run([sys.executable, "-m", "proxy", "keys", "create", "--app", "killed",
+                          "--policy", "eu-standard"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    server, url = start(env, tmp_path / "serve.log")
+    answered = 0
+    enough, killed = threading.Event(), threading.Event()
+    lock = threading.Lock()
+    client = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=16),
+                          headers={"authorization": f"Bearer {key}"})
+
+    def one(i: int) -> None:
+        nonlocal answered
+        while not killed.is_set():
+            try:
+                r = chat_once(client, url, i)
+            except httpx.TransportError:
+                return  # killed under it
+            with lock:
+                answered += r.status_code == 200
+                if answered >= 60:
+                    enough.set()
+
+    try:
+        with client, ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(one, i) for i in range(16)]
+            assert enough.wait(60), (tmp_path / "serve.log").read_text()
+            server.send_signal(signal.SIGKILL)
+            killed.set()
+            server.wait(10)
+            for f in futures:
+                f.result()
+        forwarded = sum(r.path.endswith("/chat/completions") for r in slow.received)
+        assert forwarded >= 60
+        rows_at_kill = run(_count(fresh_url, ledger))
+        # Restart: the new process recovers what the killed one left open.
+        server, url = start(env, tmp_path / "serve2.log")
+        _until(lambda: run(_count(fresh_url, ledger)) >= forwarded, 30,
+               f"recovery did not bring the ledger to {forwarded} rows")
+        _until(lambda: run(_count(fresh_url, intents)) == 0, 30, "intents left open")
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(30)
+        slow.stop()
+    unknown = run(_count(fresh_url, ledger, ledger.c.outcome == "outcome_unknown"))
+    assert unknown == run(_count(fresh_url, ledger)) - rows_at_kill > 0
+    forged = [r for r in run(ledger_rows(fresh_url, ledger.c.outcome == "outcome_unknown"))
+              if r["app"] != "killed" or r["route"] is None or r["policy"] != "eu-standard"]
+    assert forged == []
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", fresh_url)
+    monkeypatch.setenv("EUROUTE_LEDGER_KEY", LEDGER_KEY)
+    code = main(["audit", "verify", "--anchors", str(tmp_path / "anchors")])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("OK: "), out
+
+
+# -- rows the database refuses ----------------------------------------------------------------
+
+async def _write_with_a_bad_row(url: str) -> tuple[Writer, list[Any], list[Any]]:
+    """Eight rows, the fourth of which repeats the request id of a row already written: a
+    unique violation, which the record's own checks cannot see."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        first = made_row("dead-letter")
+        writer = Writer(engine)
+        writer.start()
+        writer.submit(first)
+        rows = [made_row("dead-letter") for _ in range(8)]
+        rows[3].request_id = first.request_id
+        while writer.written < 1:  # the first row in its own batch, before the eight
+            await asyncio.sleep(0.01)
+        for row in rows:
+            writer.submit(row)
+        await writer.close()
+        return writer, [first], rows
+    finally:
+        await engine.dispose()
+
+
+def test_a_refused_row_goes_to_dead_letters_and_the_rest_is_written(
+        fresh_url: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    writer, (first,), rows = run(_write_with_a_bad_row(fresh_url))
+    assert (writer.written, writer.dead_letters, writer.pending) == (8, 1, 0)
+    stored = run(ledger_rows(fresh_url))
+    assert [r["request_id"] for r in stored] == [
+        first.request_id, *(r.request_id for i, r in enumerate(rows) if i != 3)]
+    assert [r["seq"] for r in stored] == list(range(1, 9))
+
+    async def letters() -> list[Any]:
+        engine = make_engine(fresh_url, poolclass=NullPool)
+        try:
+            async with engine.connect() as conn:
+                return list((await conn.execute(select(dead_letters))).all())
+        finally:
+            await engine.dispose()
+    (letter,) = run(letters())
+    assert letter.request_id == first.request_id
+    assert "IntegrityError" in letter.error or "UniqueViolation" in letter.error
+    assert rows[3].decision_id in letter.record
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", fresh_url)
+    code = main(["audit", "verify"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("OK: 8 rows") and "DEAD LETTERS: 1 rows" in out
+
+
+async def _writer_dies_once(url: str, caplog: pytest.LogCaptureFixture) -> Writer:
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        writer = Writer(engine, heartbeat_s=0.05)
+        real = writer._beat
+        broken = asyncio.Event()
+
+        async def beat_with_a_bug() -> None:
+            if not broken.is_set():
+                broken.set()
+                raise RuntimeError("a bug in the writer")
+            await real()
+        writer._beat = beat_with_a_bug  # type: ignore[method-assign]
+        writer.start()
+        await broken.wait()
+        writer.submit(made_row("after-restart"))
+        await writer.close()
+        return writer
+    finally:
+        await engine.dispose()
+
+
+def test_a_writer_task_that_dies_is_reported_and_restarted(
+        fresh_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, "euroute.ledger"):
+        writer = run(_writer_dies_once(fresh_url, caplog))
+    assert writer.restarts == 1 and writer.written == 1
+    assert any("task died" in r.getMessage() and r.exc_info for r in caplog.records)
+    assert len(run(ledger_rows(fresh_url, ledger.c.app == "after-restart"))) == 1
+
+
+# -- erasure while rows are buffered ----------------------------------------------------------
+
+def test_erasure_reaches_rows_still_buffered_under_load(
+        fresh_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    subject = f"subject-{secrets.token_hex(4)}"
+    mark = pseudonym(PSEUDONYM_KEY.encode(), subject)
+    # Rows wait a second in the writer's buffer: the erasure arrives while some do.
+    settings = proxy_settings(fresh_url, copy_policies(tmp_path / "policies"),
+                              ledger_gather_s=1.0, ledger_heartbeat_s=0.1)
+    sent: list[tuple[float, str]] = []
+    stop = threading.Event()
+    with Proxy(settings) as server:
+        key = server.key("erasure-load")
+
+        def load() -> None:
+            with httpx.Client(base_url=server.url, timeout=30,
+                              headers={"authorization": f"Bearer {key}",
+                                       "x-euroute-user": subject}) as client:
+                while not stop.is_set():
+                    r = client.post("/chat/completions", json={
+                        "model": "magistral-small-2509",
+                        "messages": [{"role": "user", "content": "hi"}]})
+                    sent.append((time.time(), r.headers["x-request-id"]))
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        _until(lambda: len(sent) >= 20, 30, "no load")
+        monkeypatch.setenv("EUROUTE_DATABASE_URL", fresh_url)
+        monkeypatch.setenv("EUROUTE_PSEUDONYM_KEY", PSEUDONYM_KEY)
+        asked = time.time()
+        pending_then = server.gateway.writer.pending
+        code = main(["erase", "--subject", subject])
+        _until(lambda: sent[-1][0] > asked + 2, 30, "load stopped")
+        stop.set()
+        for t in threads:
+            t.join()
+        _until(lambda: run(_count(fresh_url, ledger)) >= len(sent), 30, "rows not written")
+    assert code == 0, capsys.readouterr().err
+    assert pending_then > 0  # rows were in the buffer when the erasure was asked
+    before = {rid for when, rid in sent if when < asked}
+    rows = {r["request_id"]: r for r in run(ledger_rows(fresh_url))}
+    assert before and all(rows[rid]["end_user"] is None for rid in before)
+    # Requests made after the erasure are new processing: their pseudonym stays.
+    after = [rows[rid] for when, rid in sent if when > asked + 1.5]
+    assert all(r["end_user"] == mark for r in after)
+    assert run(_verify(fresh_url))["ok"] is True
+
+
+# -- backups ----------------------------------------------------------------------------------
+
+def test_sqlite_backup_includes_the_wal_and_verifies_against_the_anchors(
+        tmp_path: Path, upstream: FakeMistral, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url, _ = new_database("sqlite", tmp_path)
+    run(_migrate(url))
+    anchors = tmp_path / "anchors"
+    settings = proxy_settings(url, copy_policies(tmp_path / "policies"),
+                              ledger_key=LEDGER_KEY, anchor_dir=anchors, anchor_interval_s=0.1,
+                              ledger_heartbeat_s=0.05)
+    monkeypatch.setenv("EUROUTE_LEDGER_KEY", LEDGER_KEY)
+    source = Path(url.split("///", 1)[1])
+    with Proxy(settings) as server:
+        key = server.key("backed-up")
+        ids = [httpx.post(f"{server.url}/chat/completions", timeout=30,
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": "magistral-small-2509",
+                                "messages": [{"role": "user", "content": "hi"}]}
+                          ).headers["x-request-id"] for _ in range(5)]
+        for request_id in ids:
+            server.row(request_id)
+        writer = server.gateway.writer
+        seq = writer.seq
+        _until(lambda: _anchored(anchors, writer.writer_id) >= seq, 10, "no anchor")
+        assert Path(f"{source}-wal").stat().st_size > 0
+        shutil.copyfile(source, tmp_path / "naive.db")  # the file alone, without its WAL
+        monkeypatch.setenv("EUROUTE_DATABASE_URL", url)
+        assert main(["backup", str(tmp_path / "backup.db")]) == 0
+        assert main(["backup", str(tmp_path / "backup.db")]) == 2  # never overwrites
+    capsys.readouterr()
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'backup.db'}")
+    code = main(["audit", "verify", "--anchors", str(anchors)])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("OK: 5 rows in 1 chains verified against"), out
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'naive.db'}")
+    code = main(["audit", "verify", "--anchors", str(anchors)])
+    out = capsys.readouterr().out
+    assert code == 1 and "FAILED" in out, out
+
+
+def _anchored(directory: Path, writer_id: str) -> int:
+    path = directory / f"{writer_id}.jsonl"
+    if not path.exists():
+        return -1
+    return max(orjson.loads(line)["seq"] for line in path.read_bytes().splitlines())
+
+
+def test_backup_of_postgresql_points_to_pg_dump(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str],
+                                                tmp_path: Path) -> None:
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1/x")
+    assert main(["backup", str(tmp_path / "b.db")]) == 2
+    assert "pg_dump" in capsys.readouterr().err
+
+
+def test_production_refuses_to_serve_without_a_ledger_key(tmp_path: Path) -> None:
+    env = {**os.environ, "EUROUTE_ENV": "production", "EUROUTE_LEDGER_KEY": "",
+           "EUROUTE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"}
+    done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "EUROUTE_LEDGER_KEY is not set" in done.stderr
+
+
+# -- recovery takes over only what dead writers left -------------------------------------------
+
+async def _two_writers(url: str) -> tuple[int, list[Any]]:
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        alive = Writer(engine, heartbeat_s=0.05, grace_s=0.5)
+        alive.start()
+        row = made_row("open-intent")
+        await alive.begin(row, {"result": "allow"}, True)
+        other = Writer(engine, heartbeat_s=0.05, grace_s=0.5)
+        other.start()
+        for _ in range(40):  # two seconds of heartbeats: four times the grace
+            await asyncio.sleep(0.05)
+        taken_while_alive = other.recovered
+        for task in alive._tasks.values():  # the process dies: no flush, no heartbeat
+            task.cancel()
+        while other.recovered == 0:
+            await asyncio.sleep(0.05)
+        await other.close()
+        async with engine.connect() as conn:
+            rows = list((await conn.execute(select(ledger).where(
+                ledger.c.request_id == row.request_id))).all())
+            left = (await conn.execute(select(func.count()).select_from(intents))).scalar()
+        assert left == 0
+        return taken_while_alive, rows
+    finally:
+        await engine.dispose()
+
+
+def test_recovery_leaves_a_live_writers_intents_and_takes_a_dead_ones(fresh_url: str) -> None:
+    taken_while_alive, (row,) = run(_two_writers(fresh_url))
+    assert taken_while_alive == 0
+    assert (row.outcome, row.status, row.usage_missing, row.app) == (
+        "outcome_unknown", 0, True, "open-intent")
+    assert row.route == "mistral-eu-magistral-small" and row.policy == "eu-standard"
+    assert '"recovered_by"' in row.decision
