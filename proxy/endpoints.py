@@ -214,15 +214,16 @@ class Gateway:
             row.retain_until = now.date() + dt.timedelta(days=policy.records.retention_days)
             body = await read_body(receive, headers, self.settings.max_body_bytes)
             data = dialect.parse(body)
-            surface = module.parse(data, headers) if module is not None else None
-            request = surface.request if surface is not None else data
-            dialect.check_types(request)
-            model = request["model"]
+            model = data["model"]
             try:
                 row.set(model=model)
             except ValueError:
                 raise BadRequest("'model' must be at most 200 characters, without NUL",
                                  param="model", code="invalid_value") from None
+            # Each inbound API into the one internal request (proxy/surfaces/).
+            surface = module.parse(data, headers) if module is not None else None
+            request = surface.request if surface is not None else data
+            dialect.check_types(request)
             user = _end_user(single_header(raw_headers, b"x-euroute-user"), data.get("user"))
             if user:
                 pseud = pseudonym(self.pseudonym_key, user)

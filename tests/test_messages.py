@@ -195,3 +195,6 @@ def test_messages_without_max_tokens_is_refused_in_anthropics_shape(
     assert r.status_code == 400
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
     assert fake.received == []
+    row = proxy.row(r.headers["x-request-id"])
+    assert (row["endpoint"], row["model"], row["outcome"]) == ("messages", MODEL,
+                                                               "invalid_request")
