@@ -115,6 +115,7 @@ class Writer:
                  grace_s: float = 30.0, anchors: AnchorSink | None = None,
                  anchor_s: float = 60.0) -> None:
         self.engine = engine
+        self._intent_log = intents.IntentLog(engine)
         self.writer_id = uuid.uuid4().hex
         self.keyring = keyring
         self.key = keyring.current
@@ -245,6 +246,7 @@ class Writer:
                     break
                 except Exception:  # noqa: S110 - _ended reported it and started another
                     pass
+        await self._intent_log.close()
 
     # -- the intent committer ---------------------------------------------------------------
 
@@ -259,8 +261,7 @@ class Writer:
                 continue
             group, self._intents = self._intents, []
             try:
-                async with self.engine.begin() as conn:
-                    await intents.insert(conn, [values for values, _ in group])
+                await self._intent_log.commit([values for values, _ in group])
             except Exception as exc:
                 log.warning("ledger: %d intents not committed (%s)", len(group),
                             type(exc).__name__)
