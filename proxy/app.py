@@ -15,9 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import audit, openapi
+from proxy import __version__, audit, openapi, ui
 from proxy.access import error_response
-from proxy.endpoints import SURFACES, Gateway
+from proxy.endpoints import SURFACES, Gateway, missing_credentials
 from proxy.errors import EurouteError, NotFound
 from proxy.keys import KeyCache
 from proxy.ledger.anchors import AnchorSink
@@ -26,7 +26,7 @@ from proxy.ledger.db import make_engine, migrate
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets
 from proxy.policy.live import LivePolicies
-from proxy.settings import Settings
+from proxy.settings import Settings, masked_url
 from proxy.upstream import Upstream
 
 log = logging.getLogger("euroute")
@@ -84,12 +84,29 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return error_response(EurouteError("internal error; the request id is in x-request-id"))
 
 
+def _report_start(settings: Settings, policies: LivePolicies, writer_id: str) -> None:
+    """One line on what this replica serves, then one per thing it lacks."""
+    current = policies.current
+    routes = [r.id for r in current.catalog.routes if r.id in current.base_urls]
+    log.info("euroute started", extra={"fields": {
+        "version": __version__, "ledger": masked_url(settings.database_url),
+        "policy_version": current.version[:12], "routes": ",".join(routes) or "none",
+        "writer": writer_id}})
+    for missing in missing_credentials(current):
+        log.error("an enabled route has no credential: /readyz answers 503 until it is set",
+                  extra={"fields": missing})
+    if settings.pseudonym_key is None:
+        log.warning("EUROUTE_PSEUDONYM_KEY is not set: end-user pseudonyms use a random key per "
+                    "process, so they differ across restarts and `euroute erase` cannot find a "
+                    "subject")
+
+
 def create_app(settings: Settings | None = None) -> Euroute:
     settings = settings or Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        policies = LivePolicies(settings.resolved_policy_dir())
+        policies = LivePolicies(settings.resolved_policy_dir(), settings.environment)
         engine = make_engine(settings.database_url)
         if settings.migrate_on_start:
             await migrate(engine)
@@ -118,8 +135,7 @@ def create_app(settings: Settings | None = None) -> Euroute:
         # Only the main thread may take signals (not so when a test runs the server).
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, policies.reload)
-        log.info("euroute ready: policies %s, ledger writer %s", policies.current.version[:12],
-                 writer.writer_id)
+        _report_start(settings, policies, writer.writer_id)
         try:
             yield
         finally:
@@ -140,5 +156,6 @@ def create_app(settings: Settings | None = None) -> Euroute:
     app.router.routes.extend(Route(path, _Late(app, name), methods=[method])
                              for (method, path), name in FAST.items())
     app.router.routes.extend(audit.routes(app))
+    app.router.routes.extend(ui.routes())
     app.router.routes.append(Route("/openapi.json", openapi.endpoint, methods=["GET"]))
     return Euroute(app)

@@ -12,15 +12,27 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import make_url
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import keys, records, report
 from proxy.ledger import anchors, providers, queries, retention
-from proxy.ledger.db import make_engine
+from proxy.ledger.db import alembic_config, make_engine
 from proxy.ledger.queries import Window
+from proxy.ledger.record import OUTCOMES
 from proxy.policy.load import PolicyError, PolicySet, read
-from proxy.settings import Settings
+from proxy.settings import Settings, masked_url
+
+
+class CommandError(Exception):
+    """A failure the operator can fix, told in a line or two; `euroute` exits with `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def err(*parts: Any) -> None:
@@ -30,42 +42,119 @@ def err(*parts: Any) -> None:
 def policies_or_none(settings: Settings) -> PolicySet | None:
     """The policy set, or None after saying on stderr why the files are invalid."""
     try:
-        return read(settings.resolved_policy_dir())
+        return read(settings.resolved_policy_dir(), env=settings.environment())
     except PolicyError as exc:
         err(f"policy files are invalid:\n{exc}")
         return None
 
 
+def _schema_revisions(connection: Connection, url: str) -> tuple[str | None, str | None, bool]:
+    """(the database's revision, euroute's newest, whether euroute knows the database's)."""
+    scripts = ScriptDirectory.from_config(alembic_config(url))
+    current = MigrationContext.configure(connection).get_current_revision()
+    known = current is None or scripts.get_revision(current) is not None
+    return current, scripts.get_current_head(), known
+
+
 @contextlib.asynccontextmanager
-async def engine_from(settings: Settings) -> AsyncIterator[AsyncEngine]:
+async def engine_from(settings: Settings, *, migrated: bool = True) -> AsyncIterator[AsyncEngine]:
+    """An engine on the ledger database, once it answers and (when `migrated`) holds the schema
+    this euroute expects; otherwise CommandError saying what to do."""
+    where = masked_url(settings.database_url)
+    url = make_url(settings.database_url)
+    if (migrated and url.get_backend_name() == "sqlite" and url.database
+            and url.database != ":memory:" and not Path(url.database).exists()):
+        # Connecting would create an empty file.
+        raise CommandError(f"no database at {url.database}: run `euroute migrate` to create it")
     engine = make_engine(settings.database_url)
     try:
+        try:
+            async with engine.connect() as conn:
+                current, head, known = await conn.run_sync(_schema_revisions,
+                                                               settings.database_url)
+        except (OSError, TimeoutError, DBAPIError) as exc:
+            raise CommandError(f"cannot open the database {where}: {reason(exc)}") from None
+        if migrated and current != head:
+            if not known:
+                raise CommandError(f"the database {where} is at schema revision {current}, which "
+                                   "this euroute does not know: upgrade euroute")
+            raise CommandError(f"the database {where} is at schema revision {current or 'none'}, "
+                               f"not {head}: run `euroute migrate`")
         yield engine
     finally:
         await engine.dispose()
+
+
+def reason(exc: BaseException) -> str:
+    """A driver's complaint without its class name, SQL or documentation link."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        exc = exc.orig
+    text = str(exc).strip().split("\n", 1)[0]
+    return text.rsplit(">: ", 1)[-1] or type(exc).__name__
+
+
+def positive(text: str) -> int:
+    """An argparse type: a whole number from 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
 
 
 def _show(rows: list[dict[str, Any]], fmt: str) -> None:
     print(report.render(rows, fmt).rstrip("\n"))
 
 
-def _window(args: argparse.Namespace) -> Window:
-    return Window(start=args.start, end=args.end,
-                  **{name: getattr(args, name) for name in queries.FILTERS})
+def _known(settings: Settings) -> dict[str, set[str]]:
+    """Filter values the policy files name (none when the files cannot be read)."""
+    try:
+        p = read(settings.resolved_policy_dir(), env=settings.environment())
+    except PolicyError:
+        return {}
+    return {"app": set(p.apps), "model": set(p.by_model), "policy": set(p.policies),
+            "route": {r.id for r in p.catalog.routes}}
+
+
+async def _window(args: argparse.Namespace, settings: Settings, engine: AsyncEngine) -> Window:
+    """The range and filters asked for, refused when they cannot match anything: a range that
+    ends before it starts, or a value neither the policy files nor the ledger know (which
+    would otherwise print "(no rows)" as if it were an answer)."""
+    window = Window(start=args.start, end=args.end,
+                    **{name: getattr(args, name) for name in queries.FILTERS})
+    if window.start and window.end and window.start >= window.end:
+        raise CommandError(f"empty range: --from {window.start.isoformat()} is not before "
+                           f"--to (which ends at {window.end.isoformat()})", 2)
+    known = _known(settings)
+    for name, names in (("app", "apps"), ("model", "models"), ("route", "routes"),
+                        ("policy", "policies")):
+        value = getattr(window, name)
+        if value is None or value in known.get(name, ()) or await queries.seen(engine, name,
+                                                                                value):
+            continue
+        listed = sorted(known.get(name, ()))
+        raise CommandError(f"--{name} {value!r}: no {name} of that name in the policy files or "
+                           "the ledger" + (f"; {names} known: {', '.join(listed)}" if listed
+                                           else ""), 2)
+    return window
 
 
 # -- the queries ------------------------------------------------------------------------------
 
 async def usage(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        rows = await queries.usage(engine, _window(args), group_by=args.group_by)
+        window = await _window(args, settings, engine)
+        rows = await queries.usage(engine, window, group_by=args.group_by)
     _show(rows, args.format)
     return 0
 
 
 async def decisions(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        rows = await queries.decisions(engine, _window(args), group_by=args.group_by)
+        window = await _window(args, settings, engine)
+        rows = await queries.decisions(engine, window, group_by=args.group_by)
     _show(rows, args.format)
     return 0
 
@@ -82,7 +171,8 @@ async def decision(args: argparse.Namespace, settings: Settings) -> int:
 
 async def transfers(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        found = await providers.transfers(engine, _window(args), limit=args.limit)
+        window = await _window(args, settings, engine)
+        found = await providers.transfers(engine, window, limit=args.limit)
     if args.format == "json":
         print(report.to_json(found).decode())
     elif args.format == "csv":
@@ -99,7 +189,8 @@ async def transfers(args: argparse.Namespace, settings: Settings) -> int:
 async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
     as_of = args.as_of or dt.datetime.now(dt.UTC).date()
     async with engine_from(settings) as engine:
-        rows = await providers.retention(engine, _window(args), as_of=as_of)
+        window = await _window(args, settings, engine)
+        rows = await providers.retention(engine, window, as_of=as_of)
     if args.format == "table":
         print(f"requests whose copy at the provider may still exist on {as_of}:")
     _show(rows, args.format)
@@ -108,7 +199,8 @@ async def provider_copies(args: argparse.Namespace, settings: Settings) -> int:
 
 async def contracts(args: argparse.Namespace, settings: Settings) -> int:
     async with engine_from(settings) as engine:
-        rows = await providers.contracts(engine, _window(args))
+        window = await _window(args, settings, engine)
+        rows = await providers.contracts(engine, window)
     _show(rows, args.format)
     return 0
 
@@ -117,7 +209,8 @@ async def processing_records(args: argparse.Namespace, settings: Settings) -> in
     if (policies := policies_or_none(settings)) is None:
         return 2
     async with engine_from(settings) as engine:
-        document = await records.records(engine, policies, _window(args))
+        window = await _window(args, settings, engine)
+        document = await records.records(engine, policies, window)
     if args.format == "json":
         print(report.to_json(document).decode())
     elif args.format == "csv":
@@ -129,10 +222,11 @@ async def processing_records(args: argparse.Namespace, settings: Settings) -> in
 
 async def export(args: argparse.Namespace, settings: Settings) -> int:
     chunks = report.csv_chunks if args.format == "csv" else report.jsonl_chunks
-    async with (engine_from(settings) as engine,
-                contextlib.aclosing(queries.export(engine, _window(args))) as rows):
-        async for chunk in chunks(queries.EXPORT_COLUMNS, rows):
-            sys.stdout.write(chunk if isinstance(chunk, str) else chunk.decode())
+    async with engine_from(settings) as engine:
+        window = await _window(args, settings, engine)
+        async with contextlib.aclosing(queries.export(engine, window)) as rows:
+            async for chunk in chunks(queries.EXPORT_COLUMNS, rows):
+                sys.stdout.write(chunk if isinstance(chunk, str) else chunk.decode())
     sys.stdout.flush()
     return 0
 
@@ -205,6 +299,10 @@ async def erase(args: argparse.Namespace, settings: Settings) -> int:
         touched, behind = await retention.erase(
             engine, settings.pseudonym_key.get_secret_value().encode(), args.subject,
             grace_s=settings.ledger_grace_s, timeout_s=args.timeout)
+    if not touched and not behind:
+        # Success here would tell a data subject their data is gone when nothing was found.
+        raise CommandError("no ledger row carries this subject's pseudonym: check the id the app "
+                           "sent, and that EUROUTE_PSEUDONYM_KEY is the proxy's key")
     print(f"erased the subject's pseudonym from {touched} rows")
     if behind:
         err(f"incomplete: {len(behind)} running writers did not acknowledge within "
@@ -243,7 +341,8 @@ def _filters(p: argparse.ArgumentParser, formats: tuple[str, ...] = report.FORMA
                    help="start, YYYY-MM-DD or ISO time (UTC)")
     p.add_argument("--to", dest="end", type=queries.until, help="end, inclusive for a plain date")
     for name in queries.FILTERS:
-        p.add_argument(f"--{name}", help=f"only this {name}")
+        p.add_argument(f"--{name}", help=f"only this {name}", metavar=name.upper(),
+                       choices=sorted(OUTCOMES) if name == "outcome" else None)
     p.add_argument("--format", choices=formats, default=default)
 
 
@@ -264,7 +363,7 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(run=decision)
     p = aud.add_parser("transfers", help="requests processed or stored outside the EEA")
     _filters(p)
-    p.add_argument("--limit", type=int, default=1000, help="list at most this many")
+    p.add_argument("--limit", type=positive, default=1000, help="list at most this many")
     p.set_defaults(run=transfers)
     p = aud.add_parser("retention", help="requests a provider may still hold a copy of")
     _filters(p)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 import uvicorn
+from pydantic import SecretStr
 
 from proxy import keys, report
 from proxy.app import create_app
@@ -48,7 +51,18 @@ def _say(*parts: Any) -> None:
     print(*parts, flush=True)
 
 
-async def run(settings: Settings) -> int:
+async def run(settings: Settings, database_url: str | None = None) -> int:
+    """The demo on `database_url`, else on a temporary SQLite database deleted afterwards (its
+    keys are real keys: they must not land in the operator's ledger by accident)."""
+    with tempfile.TemporaryDirectory(prefix="euroute-demo-") as scratch:
+        url = database_url or f"sqlite+aiosqlite:///{scratch}/demo.db"
+        # The demo's pseudonyms need no stable key: nothing will be erased from this ledger.
+        key = settings.pseudonym_key or SecretStr(secrets.token_urlsafe(32))
+        return await _run(settings.model_copy(update={"database_url": url,
+                                                      "pseudonym_key": key}))
+
+
+async def _run(settings: Settings) -> int:
     async with serving(create_sandbox(api_key=SANDBOX_KEY, stream_chunks=8),
                        lifespan="off") as sandbox:
         os.environ["MISTRAL_BASE_URL"] = f"{sandbox}/v1"
@@ -98,8 +112,8 @@ async def run(settings: Settings) -> int:
             _say(f"   HTTP {r.status_code} {error['code']}: {error['message']}")
             for reason in error["reasons"]:
                 _say(f"   - {reason['route']}: {reason['requirement']}: {reason['message']}")
-            _say(f"   nothing was sent upstream; look it up: euroute audit decision "
-                 f"{error['decision_id']}\n")
+            _say(f"   nothing was sent upstream; the ledger holds decision {error['decision_id']}"
+                 " (`euroute demo --database-url URL` keeps the ledger to look it up)\n")
         # Leaving the proxy flushed its ledger writer.
         _say("ledger, usage by app (euroute audit usage):")
         _say(report.table(await queries.usage(engine, group_by="app")))

@@ -46,6 +46,7 @@ from proxy.ledger.record import OUTCOMES as RECORD_OUTCOMES
 from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
+from proxy.logs import log_request
 from proxy.policy.decide import Check, parse_narrowing, request_checks
 from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
@@ -203,6 +204,7 @@ class Gateway:
                                               "endpoint": endpoint},
                                     "result": "error", "reasons": []}
         self.writer.key_used(key.id, now)
+        failure: EurouteError | None = None
         try:
             if key.role != "app":
                 raise Forbidden(f"a key with role {key.role!r} may not call the models; only "
@@ -248,6 +250,7 @@ class Gateway:
             route, usage = await self._forward(receive, send, exchange, reply_headers)
             self._account(row, route, policy, usage)
         except EurouteError as exc:
+            failure = exc
             if isinstance(exc, UpstreamError):
                 self._scrubber(policies).error(exc)
             row.finish(outcome_of(exc), exc.status)
@@ -263,6 +266,7 @@ class Gateway:
             row.latency_us = int((time.perf_counter() - started) * 1e6)
             metrics.observe(row)
             self.writer.submit(row)
+            log_request(row, failure)
 
     async def _forward(self, receive: Receive, send: Send, ex: Exchange,
                        reply_headers: list[tuple[bytes, bytes]]
@@ -433,11 +437,13 @@ class Gateway:
         await send_json(send, 200, b'{"status":"ok"}')
 
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ready = self.writer.healthy
+        missing = missing_credentials(self.policies.current)
+        ready = self.writer.healthy and not missing
         body = {"status": "ready" if ready else "unavailable",
                 "policy_version": self.policies.current.version,
                 "policy_error": self.policies.error,
-                "ledger": {"healthy": ready, "pending_rows": self.writer.pending}}
+                "ledger": {"healthy": self.writer.healthy, "pending_rows": self.writer.pending},
+                "missing_credentials": missing}
         await send_json(send, 200 if ready else 503, orjson.dumps(body))
 
     async def metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -461,6 +467,13 @@ def _rendered(surface: surfaces.Exchange, answer: Any, route: Route) -> bytes:
     if surface.passthrough and not surfaces.NEEDS_FOLD.search(raw):
         return raw
     return surface.answer(dialects.of(route).answer(answer.json or {}))
+
+
+def missing_credentials(policies: PolicySet) -> list[dict[str, str]]:
+    """Enabled routes whose API key variable is unset: requests would reach them with no
+    credentials, so the replica is not ready."""
+    return [{"route": r.id, "variable": r.api_key_env} for r in policies.catalog.routes
+            if r.api_key_env and r.id in policies.base_urls and not policies.api_keys.get(r.id)]
 
 
 def _end_user(header: bytes | None, field: Any) -> str:

@@ -132,6 +132,10 @@ class KeyCache:
     def get(self, secret: str) -> Key | None:
         return self._by_hash.get(digest(secret))
 
+    def by_id(self, key_id: str) -> tuple[str, Key] | None:
+        """A live key's hash and record by its id (the dashboard's session cookie names it)."""
+        return next(((h, k) for h, k in self._by_hash.items() if k.id == key_id), None)
+
     async def load(self) -> None:
         # A background refresh that began before a revocation may finish after the reload the
         # revocation triggered: only a load begun later than the one applied may replace it.

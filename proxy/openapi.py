@@ -192,12 +192,38 @@ def _operation(summary: str, who: str, parameters: list[dict[str, Any]],
     return op
 
 
+# The auditors' dashboard (proxy/ui.py): pages for a browser, its refusals pages too. The
+# session is a cookie set by POST /ui/login (form field `key`), not a bearer key.
+_HTML = {"text/html": {"schema": _STR}}
+_PAGES = [
+    ("/ui", "get", "the dashboard for a signed-in auditor, else the sign-in page",
+     [_query("from", "first day, YYYY-MM-DD"), _query("to", "last day, YYYY-MM-DD")],
+     {"200": "a page", "400": "an invalid period"}),
+    ("/ui/login", "post", "sign in with an auditor key: 303 to /ui with a session cookie", [],
+     {"303": "signed in", "400": "not a key", "401": "an unknown or revoked key",
+      "403": "not an auditor key, or a form from another site"}),
+    ("/ui/logout", "post", "sign out: 303 to /ui without the session cookie", [],
+     {"303": "signed out"}),
+]
+
+
+def _page(summary: str, parameters: list[dict[str, Any]],
+          answers: dict[str, str]) -> dict[str, Any]:
+    return {"summary": summary, "parameters": parameters, "security": [],
+            "x-euroute-role": "none",
+            "responses": {status: ({"description": what} if status == "303"
+                                   else {"description": what, "content": _HTML})
+                          for status, what in answers.items()}}
+
+
 def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for path, method, summary, who, parameters, body, ok in _TABLE:
         errors = "MessagesError" if path == "/v1/messages" else "Error"
         paths.setdefault(path, {})[method] = _operation(summary, who, parameters, body, ok,
                                                         errors)
+    for path, method, summary, parameters, answers in _PAGES:
+        paths.setdefault(path, {})[method] = _page(summary, parameters, answers)
     return {
         "openapi": "3.1.0",
         "info": {"title": "euroute", "version": "1",

@@ -108,3 +108,17 @@ def render(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
     if fmt == "csv":
         return "".join(csv_lines(rows))
     return table(rows)
+
+
+def explain_rows(decision: Any) -> list[dict[str, str]]:
+    """A policy decision (proxy.policy.decide.Decision) as rows: every route against every
+    requirement, for `euroute policy explain` and the dashboard."""
+    rows = []
+    for verdict in decision.verdicts:
+        if not verdict.enabled:
+            rows.append({"route": verdict.route.id, "requirement": "enabled", "result": "FAIL",
+                         "why": "route has no base URL configured"})
+        for check in verdict.checks:
+            rows.append({"route": verdict.route.id, "requirement": check.requirement,
+                         "result": "pass" if check.ok else "FAIL", "why": check.detail})
+    return rows

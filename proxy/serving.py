@@ -24,6 +24,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from proxy import logs
 from proxy.settings import Settings
 
 log = logging.getLogger("euroute")
@@ -79,8 +80,9 @@ def config(settings: Settings, app: Any, *, host: str, port: int, workers: int =
 
 def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
     # Workers are started by pickling the config: the app goes by name, the protocol by class.
+    # euroute's log form for every worker (proxy/logs.py): uvicorn applies it in each.
     cfg = config(settings, "proxy.app:create_app", host=host, port=port, workers=workers,
-                 factory=True)
+                 factory=True, log_config=logs.config(settings))
     if workers > 1:
         Multiprocess(cfg, sockets=[cfg.bind_socket()]).run()
     else:

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from proxy.ledger.chain import DEV_SECRET, Keyring
 
 _PACKAGE = Path(__file__).resolve().parent
+# The drivers euroute ships with: an async engine needs an async driver.
+DATABASE_FORMS = {"sqlite+aiosqlite": "sqlite+aiosqlite:///PATH",
+                  "postgresql+asyncpg": "postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE"}
 
 
 def bundled(name: str) -> Path:
     """A directory shipped with euroute: inside the wheel, or at the repo root when editable."""
     inside = _PACKAGE / f"_{name}"
     return inside if inside.is_dir() else _PACKAGE.parent / name
+
+
+def masked_url(url: str) -> str:
+    """A database URL fit for a log line: the password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a URL)"
 
 
 class Settings(BaseSettings):
@@ -53,7 +68,9 @@ class Settings(BaseSettings):
     ledger_buffer_rows: int = Field(default=100_000, gt=0)
     # The writer counts as unhealthy when rows have waited this long without a successful write.
     ledger_max_outage_s: float = Field(default=30.0, gt=0)
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # One line per request and per event: readable text, or one JSON object per line.
+    log_format: Literal["text", "json"] = "text"
     # production: `serve` refuses to start without EUROUTE_LEDGER_KEY.
     env: Literal["development", "production"] = "development"
     # HMAC key of the ledger's hash chains, kept outside the database (README, Ledger).
@@ -83,6 +100,23 @@ class Settings(BaseSettings):
     redis_prefix: str = Field(default="euroute:", max_length=200)
     redis_timeout_s: float = Field(default=0.5, gt=0)
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_form(cls, url: str) -> str:
+        try:
+            driver = make_url(url).drivername
+        except ArgumentError:
+            driver = None
+        if driver not in DATABASE_FORMS:
+            raise ValueError("must be " + " or ".join(DATABASE_FORMS.values())
+                             + (f", not a {driver} URL" if driver else ""))
+        return url
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: SecretStr | None) -> SecretStr | None:
@@ -109,3 +143,14 @@ class Settings(BaseSettings):
             return self.policy_dir
         local = Path("policies")
         return local if local.is_dir() else bundled("policies")
+
+    def environment(self) -> dict[str, str]:
+        """The variables routes name for their base URL and key (`MISTRAL_BASE_URL`,
+        `MISTRAL_API_KEY`, ...): the process environment over the `.env` file, as for the
+        settings themselves. Read on each call, so a policy reload sees an edited `.env`."""
+        env_file = self.model_config.get("env_file")
+        found: dict[str, str] = {}
+        if isinstance(env_file, str | Path) and Path(env_file).is_file():
+            found = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+        found.update(os.environ)
+        return found

@@ -191,16 +191,14 @@ def from_csv(text: str) -> list[dict[str, str]]:
 
 def _usage(group: str, forwarded: Any, denied: Any, t: Traffic) -> list[dict[str, Any]]:
     pt, ct = t.tokens
-    return [
-        {group: denied, "requests": 2, "prompt_tokens": 0, "completion_tokens": 0,
-         "cost": "0.000000000", "currency": None},
-        {group: forwarded, "requests": 3, "prompt_tokens": pt, "completion_tokens": ct,
-         "cost": str(cost(pt, ct)), "currency": "USD"},
-        {group: "TOTAL", "requests": 2, "prompt_tokens": 0, "completion_tokens": 0,
-         "cost": "0.000000000", "currency": None},
-        {group: "TOTAL", "requests": 3, "prompt_tokens": pt, "completion_tokens": ct,
-         "cost": str(cost(pt, ct)), "currency": "USD"},
-    ]
+    priced = {"prompt_tokens": pt, "completion_tokens": ct, "cost": str(cost(pt, ct)),
+              "currency": "USD"}
+    total = {group: "TOTAL", "requests": 5, "denied": 2, "failed": 0, **priced}
+    if forwarded == denied:
+        return [{**total, group: forwarded}, total]
+    return [{group: denied, "requests": 2, "denied": 2, "failed": 0, "prompt_tokens": 0,
+             "completion_tokens": 0, "cost": "0.000000000", "currency": None},
+            {group: forwarded, "requests": 3, "denied": 0, "failed": 0, **priced}, total]
 
 
 def test_usage_by_each_grouping_with_exact_cost(traffic: Traffic, api: Api, auditor: str) -> None:
@@ -213,19 +211,55 @@ def test_usage_by_each_grouping_with_exact_cost(traffic: Traffic, api: Api, audi
         got = data(api.get("/v1/audit/usage", auditor, app=t.app, group_by=group))
         assert got == _usage(group, forwarded, denied, t), group
     by_policy = data(api.get("/v1/audit/usage", auditor, app=t.app, group_by="policy"))
-    assert [(r["policy"], r["requests"], r["currency"]) for r in by_policy] == [
-        ("eu-standard", 3, "USD"), ("eu-strict", 2, None),
-        ("TOTAL", 2, None), ("TOTAL", 3, "USD")]
+    assert [(r["policy"], r["requests"], r["denied"], r["currency"]) for r in by_policy] == [
+        ("eu-standard", 3, 0, "USD"), ("eu-strict", 2, 2, None), ("TOTAL", 5, 2, "USD")]
     ok_only = data(api.get("/v1/audit/usage", auditor, app=t.app, outcome="ok"))
-    assert ok_only[0] == _usage("app", t.app, t.app, t)[1]
+    assert ok_only[0] == _usage("app", t.app, None, t)[1]
     tomorrow = (dt.date.fromisoformat(t.day) + dt.timedelta(days=1)).isoformat()
     assert data(api.get("/v1/audit/usage", auditor, app=t.app, **{"from": tomorrow})) == []
-    assert data(api.get("/v1/audit/usage", auditor, app=t.app, to=t.day))[-1]["requests"] == 3
+    assert data(api.get("/v1/audit/usage", auditor, app=t.app, to=t.day))[-1]["requests"] == 5
     r = api.get("/v1/audit/usage", auditor, app=t.app, group_by="route", format="csv")
     assert r.headers["content-type"].startswith("text/csv")
     rows = from_csv(r.text)
-    assert rows[1] == {"route": ROUTE, "requests": "3", "prompt_tokens": str(pt),
-                       "completion_tokens": str(ct), "cost": str(cost(pt, ct)), "currency": "USD"}
+    assert rows[1] == {"route": ROUTE, "requests": "3", "denied": "0", "failed": "0",
+                       "prompt_tokens": str(pt), "completion_tokens": str(ct),
+                       "cost": str(cost(pt, ct)), "currency": "USD"}
+
+
+def test_usage_one_row_per_group_failed_apart_one_total_per_currency(
+        proxy: Proxy, api: Api, auditor: str) -> None:
+    """Denied and failed requests are columns of their group's row, not rows of their own; a
+    second currency gets its own row and TOTAL; every request is counted once per part."""
+    app, other = unique("ledgered"), unique("ledgered")
+    run(write(proxy.settings.database_url, [
+        made_row(app),
+        made_row(app, outcome="upstream_error", status=502, prompt_tokens=0,
+                 completion_tokens=0, cost_nanos=0),
+        made_row(app, outcome="denied", status=403, route=None, provider=None, currency=None,
+                 prompt_tokens=0, completion_tokens=0, cost_nanos=0),
+        made_row(app, outcome="invalid_request", status=400, route=None, provider=None,
+                 currency=None, prompt_tokens=0, completion_tokens=0, cost_nanos=0),
+        made_row(app, currency="EUR", cost_nanos=7),
+        made_row(other, outcome="denied", status=403, route=None, provider=None, currency=None,
+                 prompt_tokens=0, completion_tokens=0, cost_nanos=0),
+    ]))
+    got = [(r["app"], r["requests"], r["denied"], r["failed"], r["prompt_tokens"], r["cost"],
+            r["currency"]) for r in data(api.get("/v1/audit/usage", auditor,
+                                                 **{"from": "2000-01-01"}))
+           if r["app"] in (app, other, "TOTAL")]
+    # The currency-less requests (denied, invalid) join the group's first priced row.
+    assert sorted(g for g in got if g[0] != "TOTAL") == sorted([
+        (app, 3, 1, 1, 10, "0.000000007", "EUR"),
+        (app, 2, 0, 1, 10, "0.000035000", "USD"),
+        (other, 1, 1, 0, 0, "0.000000000", None)])
+    totals = [g for g in got if g[0] == "TOTAL"]
+    assert [t[-1] for t in totals] == sorted({t[-1] for t in totals})  # one per currency
+    mine = data(api.get("/v1/audit/usage", auditor, app=app))
+    assert [(r["app"], r["requests"], r["failed"], r["currency"]) for r in mine] == [
+        (app, 3, 1, "EUR"), (app, 2, 1, "USD"), ("TOTAL", 3, 1, "EUR"), ("TOTAL", 2, 1, "USD")]
+    theirs = data(api.get("/v1/audit/usage", auditor, app=other))
+    assert [(r["app"], r["requests"], r["denied"], r["currency"]) for r in theirs] == [
+        (other, 1, 1, None), ("TOTAL", 1, 1, None)]
 
 
 def test_usage_cli_matches_the_api(traffic: Traffic, api: Api, auditor: str, cli: Any) -> None:
@@ -237,6 +271,7 @@ def test_usage_cli_matches_the_api(traffic: Traffic, api: Api, auditor: str, cli
                                                 group_by=group))
     code, out = cli("audit", "usage", "--app", traffic.app, "--to", traffic.day)
     assert code == 0 and "TOTAL" in out and str(cost(*traffic.tokens)) in out
+    assert out.count("TOTAL") == 1 and out.count(traffic.app) == 1
 
 
 # -- decisions --------------------------------------------------------------------------------
@@ -252,7 +287,7 @@ def test_denials_by_policy_and_by_requirement(traffic: Traffic, api: Api, audito
     ]
     assert data(api.get("/v1/audit/decisions", auditor, app=t.app, group_by="requirement")) == [
         {"policy": "eu-strict", "requirement": name, "denied": 2, "dryrun_denied": 0}
-        for name in sorted(t.failed)]
+        for name in sorted(t.failed - {"enabled"})]
     assert data(api.get("/v1/audit/decisions", auditor, app=t.app, outcome="denied",
                         group_by="day")) == [
         {"day": t.day, "requests": 2, "denied": 2, "dryrun_denied": 0},
@@ -261,7 +296,7 @@ def test_denials_by_policy_and_by_requirement(traffic: Traffic, api: Api, audito
                     "--format", "csv")
     assert code == 0 and from_csv(out) == [
         {"policy": "eu-strict", "requirement": name, "denied": "2", "dryrun_denied": "0"}
-        for name in sorted(t.failed)]
+        for name in sorted(t.failed - {"enabled"})]
 
 
 def test_dryrun_would_be_denials_are_counted_apart(proxy: Proxy, api: Api, auditor: str) -> None:
@@ -276,9 +311,9 @@ def test_dryrun_would_be_denials_are_counted_apart(proxy: Proxy, api: Api, audit
     assert data(api.get("/v1/audit/decisions", auditor, app=app)) == [
         {"policy": "eu-dryrun", "requests": 3, "denied": 1, "dryrun_denied": 1},
         {"policy": "TOTAL", "requests": 3, "denied": 1, "dryrun_denied": 1}]
+    # A route left unconfigured (`enabled`) is no requirement the request failed.
     assert data(api.get("/v1/audit/decisions", auditor, app=app, group_by="requirement")) == [
         {"policy": "eu-dryrun", "requirement": "capabilities", "denied": 1, "dryrun_denied": 0},
-        {"policy": "eu-dryrun", "requirement": "enabled", "denied": 0, "dryrun_denied": 1},
         {"policy": "eu-dryrun", "requirement": "zero_data_retention", "denied": 0,
          "dryrun_denied": 1}]
 
@@ -490,7 +525,7 @@ def test_an_app_key_reads_only_its_own_usage(traffic: Traffic, proxy: Proxy, api
     _refused(api.get("/v1/usage", own, app="other-app"), 403)
     mine = data(api.get("/v1/usage", own, group_by="policy"))
     assert [(r["policy"], r["requests"]) for r in mine] == [
-        ("eu-standard", 3), ("eu-strict", 2), ("TOTAL", 2), ("TOTAL", 3)]
+        ("eu-standard", 3), ("eu-strict", 2), ("TOTAL", 5)]
     assert data(api.get("/v1/usage", own, app=traffic.app)) == data(api.get("/v1/usage", own))
     assert {r["app"] for r in data(api.get("/v1/usage", other))} == {other_app, "TOTAL"}
     _refused(api.get("/v1/usage", other, app=traffic.app), 403)
@@ -498,7 +533,7 @@ def test_an_app_key_reads_only_its_own_usage(traffic: Traffic, proxy: Proxy, api
 
 def test_auditor_reads_everything_and_manages_nothing(traffic: Traffic, api: Api,
                                                       auditor: str) -> None:
-    assert data(api.get("/v1/usage", auditor, app=traffic.app))[-1]["requests"] == 3
+    assert data(api.get("/v1/usage", auditor, app=traffic.app))[-1]["requests"] == 5
     for path in AUDIT_PATHS:
         if not path.endswith("_x"):
             assert api.get(path, auditor).status_code == 200, path

@@ -129,31 +129,70 @@ def _check_group(group_by: str, allowed: Sequence[str]) -> None:
 
 async def usage(engine: AsyncEngine, window: Window = EVERYTHING, *,
                 group_by: str = "app") -> list[dict[str, Any]]:
-    """Requests, tokens and exact cost per group (and currency), with a total row per currency."""
+    """Requests (denied and failed among them), tokens and exact cost: one row per group, then
+    a TOTAL row per currency.
+
+    Requests that reached no provider (denials, bad input) have no currency; they are counted in
+    their group's row, and in the first TOTAL. A group that spent in two currencies has a row
+    per currency. Each request is counted once in the group rows and once in the TOTAL rows.
+    """
     _check_group(group_by, GROUPS)
     group = group_column(group_by, engine.dialect.name)
-    stmt = (select(group, ledger.c.currency, func.count().label("requests"),
+    outcome = ledger.c.outcome
+    stmt = (select(group, ledger.c.currency, func.count(),
+                   func.sum(case((outcome == "denied", 1), else_=0)),
+                   func.sum(case((outcome.not_in(("ok", "denied")), 1), else_=0)),
                    func.sum(ledger.c.prompt_tokens), func.sum(ledger.c.completion_tokens),
                    func.sum(ledger.c.cost_nanos))
             .where(*window.where())
             .group_by(group, ledger.c.currency)
-            # Denied requests have no route and no currency: list them first on both databases.
+            # Per group, the currency-less part first, so it can join the first priced row.
             .order_by(group.nulls_first(), ledger.c.currency.nulls_first()))
     async with engine.connect() as conn:
-        rows = (await conn.execute(stmt)).all()
-    out: list[dict[str, Any]] = []
-    totals: dict[str | None, list[int]] = {}
-    for key, currency, n, pt, ct, nanos in rows:
-        out.append({group_by: key, "requests": n, "prompt_tokens": int(pt or 0),
-                    "completion_tokens": int(ct or 0), "cost": money(nanos),
-                    "currency": currency})
-        t = totals.setdefault(currency, [0, 0, 0, 0])
-        for i, v in enumerate((n, pt, ct, nanos)):
-            t[i] += int(v or 0)
-    for currency, (n, pt, ct, nanos) in sorted(totals.items(), key=lambda kv: kv[0] or ""):
-        out.append({group_by: "TOTAL", "requests": n, "prompt_tokens": pt,
-                    "completion_tokens": ct, "cost": money(nanos), "currency": currency})
-    return out
+        found = (await conn.execute(stmt)).all()
+    rows: list[dict[str, Any]] = []
+    for key, currency, *values in found:
+        row = {group_by: key, **dict(zip(_COUNTS, (int(v or 0) for v in values), strict=True)),
+               "currency": currency}
+        if rows and rows[-1][group_by] == key and rows[-1]["currency"] is None:
+            _add(row, rows.pop())
+        rows.append(row)
+    totals: dict[str | None, dict[str, Any]] = {}
+    for row in rows:
+        _add(totals.setdefault(row["currency"], {group_by: "TOTAL", **dict.fromkeys(_COUNTS, 0),
+                                                 "currency": row["currency"]}), row)
+    unpriced = totals.pop(None, None)
+    if unpriced is not None:
+        if totals:
+            _add(totals[min(totals)], unpriced)  # type: ignore[type-var]
+        else:
+            totals[None] = unpriced
+    ordered = [totals[c] for c in sorted(totals, key=lambda c: c or "")]
+    return [_priced(r, group_by) for r in [*rows, *ordered]]
+
+
+_COUNTS = ("requests", "denied", "failed", "prompt_tokens", "completion_tokens", "cost_nanos")
+
+
+def _add(into: dict[str, Any], row: dict[str, Any]) -> None:
+    for name in _COUNTS:
+        into[name] += row[name]
+
+
+def _priced(row: dict[str, Any], group_by: str) -> dict[str, Any]:
+    return {group_by: row[group_by], "requests": row["requests"], "denied": row["denied"],
+            "failed": row["failed"], "prompt_tokens": row["prompt_tokens"],
+            "completion_tokens": row["completion_tokens"], "cost": money(row["cost_nanos"]),
+            "currency": row["currency"]}
+
+
+async def seen(engine: AsyncEngine, column: str, value: str) -> bool:
+    """Whether any ledger row has `value` in `column` (one of FILTERS)."""
+    if column not in FILTERS:
+        raise ValueError(f"column must be one of {', '.join(FILTERS)}")
+    async with engine.connect() as conn:
+        found = await conn.execute(select(ledger.c.id).where(ledger.c[column] == value).limit(1))
+        return found.first() is not None
 
 
 async def decisions(engine: AsyncEngine, window: Window = EVERYTHING, *,
@@ -192,6 +231,10 @@ async def _by_requirement(engine: AsyncEngine, window: Window, denied: Any, woul
     counts: Counter[tuple[str, str, str]] = Counter()
     for policy, failed, d, w in rows:
         for requirement in failed.split(","):
+            if requirement == "enabled":
+                # An unconfigured route (no base URL) is the operator's choice, not a
+                # requirement the request failed; older rows still list it.
+                continue
             counts[policy, requirement, "denied"] += int(d or 0)
             counts[policy, requirement, "dryrun_denied"] += int(w or 0)
     pairs = sorted({(p, r) for p, r, _ in counts})

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from proxy.policy.load import PolicyError, PolicySet, read
@@ -23,10 +25,13 @@ def _signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
 
 
 class LivePolicies:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path,
+                 environment: Callable[[], Mapping[str, str]] = lambda: os.environ) -> None:
         self.directory = directory
+        # Where routes' base URLs and keys come from (Settings.environment: env over .env).
+        self.environment = environment
         self._signature = _signature(directory)
-        self.current: PolicySet = read(directory)  # PolicyError here stops start-up
+        self.current: PolicySet = read(directory, env=environment())  # PolicyError: no start
         self.error: str | None = None
         self.reloads = 0
         self.failed_reloads = 0
@@ -35,7 +40,7 @@ class LivePolicies:
     def reload(self) -> bool:
         self._signature = _signature(self.directory)
         try:
-            fresh = read(self.directory)
+            fresh = read(self.directory, env=self.environment())
         except PolicyError as exc:
             self.error = str(exc)
             self.failed_reloads += 1
