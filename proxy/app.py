@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from proxy import __version__, audit, openapi, ui
 from proxy.access import error_response
-from proxy.endpoints import Gateway, missing_credentials
+from proxy.endpoints import SURFACES, Gateway, missing_credentials
 from proxy.errors import EurouteError, NotFound
 from proxy.keys import KeyCache
 from proxy.ledger.anchors import AnchorSink
@@ -46,7 +46,8 @@ class _Late:
 
 # The request path skips Starlette's middleware and router: measured, they cost more than the
 # policy decision. Other methods on these paths still reach the router (405, OpenAI-shaped).
-FAST = {("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/embeddings"): "embeddings",
+FAST = {**{("POST", m.PATH): m.ENDPOINT for m in SURFACES.values()},
+        ("POST", "/v1/embeddings"): "embeddings",
         ("GET", "/v1/models"): "models", ("GET", "/healthz"): "healthz",
         ("GET", "/readyz"): "readyz", ("GET", "/metrics"): "metrics"}
 

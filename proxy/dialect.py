@@ -13,7 +13,6 @@ from typing import Any
 
 import orjson
 
-from proxy import sse
 from proxy.errors import BadRequest, EurouteError, UpstreamUnavailable
 
 # Above any model's output; keeps the number an int64 everywhere it goes (budget, ledger).
@@ -22,41 +21,48 @@ MAX_OUTPUT_TOKENS = 10_000_000
 # the 255 levels orjson encodes.
 MAX_DEPTH = 64
 
-# OpenAI chat field -> Mistral field; the value is checked by the type named.
-_CHAT = {
-    "messages": ("messages", list),
-    "temperature": ("temperature", (int, float)),
-    "top_p": ("top_p", (int, float)),
-    "max_tokens": ("max_tokens", int),
-    "max_completion_tokens": ("max_tokens", int),
-    "stream": ("stream", bool),
-    "stop": ("stop", (str, list)),
-    "seed": ("random_seed", int),
-    "random_seed": ("random_seed", int),
-    "response_format": ("response_format", dict),
-    "tools": ("tools", list),
-    "tool_choice": ("tool_choice", (str, dict)),
-    "presence_penalty": ("presence_penalty", (int, float)),
-    "frequency_penalty": ("frequency_penalty", (int, float)),
-    "n": ("n", int),
-    "parallel_tool_calls": ("parallel_tool_calls", bool),
-    "prediction": ("prediction", dict),
-    "prompt_mode": ("prompt_mode", str),
-    "safe_prompt": ("safe_prompt", bool),
+# The internal chat request is OpenAI's chat request, rebuilt from this whitelist: field -> the
+# type its value must have. Each route dialect (proxy/dialects/) translates it out.
+_CHAT: dict[str, Any] = {
+    "messages": list, "stream": bool, "max_tokens": int, "max_completion_tokens": int,
+    "tools": list, "tool_choice": (str, dict), "parallel_tool_calls": bool,
+    "response_format": dict, "stream_options": dict,
+    # Answer-changing parameters: forwarded only to routes that list them (routes.yaml).
+    "temperature": (int, float), "top_p": (int, float), "stop": (str, list), "seed": int,
+    "presence_penalty": (int, float), "frequency_penalty": (int, float), "n": int,
+    "logprobs": bool, "top_logprobs": int, "logit_bias": dict, "reasoning_effort": str,
+    "prediction": dict, "verbosity": str, "prompt_mode": str, "safe_prompt": bool,
+    "modalities": list, "audio": dict, "web_search_options": dict,
 }
+_ALIASES = {"random_seed": "seed"}  # Mistral's own name, as the mistralai SDK sends it
+# A parameter at its default changes nothing, so it needs no route support.
+_NEUTRAL: dict[str, Any] = {"n": 1, "logprobs": False, "safe_prompt": False,
+                            "modalities": ["text"]}
 _EMBEDDINGS = {
     "input": ("input", (str, list)),
     "dimensions": ("output_dimension", int),
     "output_dimension": ("output_dimension", int),
     "output_dtype": ("output_dtype", str),
 }
-# OpenAI fields Mistral has no use for; accepted and dropped. `user` is pseudonymised.
-_DROPPED = frozenset({
-    "model", "user", "stream_options", "logprobs", "top_logprobs", "store", "metadata",
-    "logit_bias", "service_tier", "modalities", "audio", "reasoning_effort", "verbosity",
-    "web_search_options", "prompt_cache_key", "safety_identifier", "functions",
-    "function_call", "encoding_format",
-})
+# Fields that change nothing upstream; accepted and dropped. `user` is pseudonymised into the
+# ledger; `store: true` is refused (euroute never stores content). `stream_options` stays in
+# the internal request for euroute itself; no dialect sends it on.
+_DROPPED = frozenset({"model", "user", "metadata", "store", "service_tier", "prompt_cache_key",
+                      "safety_identifier"})
+_EMBEDDINGS_DROPPED = frozenset({"model", "user", "encoding_format"})
+# Per role, the message keys kept; the others listed are accepted and dropped (a participant
+# name, a refusal or earlier reasoning echoed back). Anything else is an unknown parameter.
+_MESSAGE_KEYS = {
+    "system": ({"content"}, {"name"}),
+    "user": ({"content"}, {"name"}),
+    "assistant": ({"content", "tool_calls", "prefix"},
+                  {"name", "refusal", "reasoning_content", "audio", "function_call"}),
+    "tool": ({"content", "tool_call_id", "name"}, set()),
+}
+_PARTS = {  # per role, the content part types it may carry
+    "system": {"text"}, "tool": {"text"}, "assistant": {"text", "refusal"},
+    "user": {"text", "image_url", "file", "input_audio"},
+}
 
 
 def parse(body: bytes) -> dict[str, Any]:
@@ -90,49 +96,154 @@ def _too_deep(data: dict[str, Any]) -> bool:
     return False
 
 
-def _rebuild(request: dict[str, Any], fields: dict[str, tuple[str, Any]], upstream_model: str
-             ) -> dict[str, Any]:
+def chat(data: dict[str, Any]) -> dict[str, Any]:
+    """The internal chat request out of an OpenAI (or mistralai SDK) chat request."""
+    out: dict[str, Any] = {"model": data["model"]}
+    for name, value in data.items():
+        if value is None:
+            continue
+        if name == "store":
+            if value is not False:
+                raise BadRequest("'store' must be false: euroute never stores content",
+                                 param="store", code="unsupported_parameter")
+            continue
+        if name in ("functions", "function_call"):
+            continue  # translated below
+        if name in _DROPPED:
+            continue
+        name = _ALIASES.get(name, name)
+        kind = _CHAT.get(name)
+        if kind is None:
+            raise BadRequest(f"Unrecognized request argument supplied: {name}", param=name,
+                             code="unknown_parameter")
+        _check(name, value, kind)
+        if name in _NEUTRAL and type(value) is type(_NEUTRAL[name]) and value == _NEUTRAL[name]:
+            continue
+        out[name] = value
+    _functions(data, out)
+    out["messages"] = _messages(out.get("messages"))
+    return out
+
+
+def _check(name: str, value: Any, kind: Any) -> None:
+    # bool is an int in Python; an int field must not take true/false.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadRequest(f"invalid type for {name!r}", param=name, code="invalid_type")
+
+
+def _functions(data: dict[str, Any], out: dict[str, Any]) -> None:
+    """OpenAI's legacy `functions`/`function_call` as `tools`/`tool_choice`."""
+    functions, call = data.get("functions"), data.get("function_call")
+    if functions is not None:
+        if "tools" in out:
+            raise BadRequest("send 'tools' or the legacy 'functions', not both",
+                             param="functions", code="invalid_value")
+        if not isinstance(functions, list) or not all(isinstance(f, dict) for f in functions):
+            raise BadRequest("'functions' must be an array of objects", param="functions",
+                             code="invalid_type")
+        out["tools"] = [{"type": "function", "function": f} for f in functions]
+    if call is not None:
+        if "tool_choice" in out:
+            raise BadRequest("send 'tool_choice' or the legacy 'function_call', not both",
+                             param="function_call", code="invalid_value")
+        if call in ("auto", "none"):
+            out["tool_choice"] = call
+        elif isinstance(call, dict) and isinstance(call.get("name"), str):
+            out["tool_choice"] = {"type": "function", "function": {"name": call["name"]}}
+        else:
+            raise BadRequest("'function_call' must be 'auto', 'none' or {\"name\": ...}",
+                             param="function_call", code="invalid_value")
+
+
+def _messages(messages: Any) -> list[dict[str, Any]]:
+    if not messages:
+        raise BadRequest("'messages' must be a non-empty array", param="messages",
+                         code="missing_required_parameter" if messages is None else "invalid_value")
+    out: list[dict[str, Any]] = []
+    legacy_call: str | None = None  # the id given to the last legacy function_call
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest(f"{where} must be an object with a 'role'", param=where,
+                             code="invalid_type")
+        role = message["role"]
+        if role == "developer":  # OpenAI's newer name for the system role
+            role = "system"
+        elif role == "function":  # a legacy function result answers the legacy call before it
+            if legacy_call is None or not isinstance(message.get("name"), str):
+                raise BadRequest(f"{where}: a 'function' message must follow a function_call",
+                                 param=where, code="invalid_value")
+            message = {"role": "tool", "tool_call_id": legacy_call, "name": message["name"],
+                       "content": message.get("content")}
+            role = "tool"
+        if role not in _MESSAGE_KEYS:
+            raise BadRequest(f"{where}: unknown role {role!r}", param=f"{where}.role",
+                             code="invalid_value")
+        kept, dropped = _MESSAGE_KEYS[role]
+        fixed: dict[str, Any] = {"role": role}
+        for key, value in message.items():
+            if key == "role" or key in dropped:
+                continue
+            if key not in kept:
+                raise BadRequest(f"Unrecognized argument supplied: {where}.{key}",
+                                 param=f"{where}.{key}", code="unknown_parameter")
+            fixed[key] = value
+        call = message.get("function_call") if role == "assistant" else None
+        if isinstance(call, dict) and "tool_calls" not in fixed:
+            legacy_call = f"call_legacy_{i}"
+            fixed["tool_calls"] = [{"id": legacy_call, "type": "function", "function": call}]
+        content = fixed.get("content")
+        if isinstance(content, list):
+            fixed["content"] = [_part(part, role, f"{where}.content[{j}]")
+                                for j, part in enumerate(content)]
+        elif content is not None and not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be a string or an array of parts",
+                             param=f"{where}.content", code="invalid_type")
+        out.append(fixed)
+    return out
+
+
+def _part(part: Any, role: str, where: str) -> dict[str, Any]:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in _PARTS[role]:
+        raise BadRequest(f"{where}: content parts of type {kind!r} are not supported in a "
+                         f"{role} message", param=where, code="unsupported_content")
+    if kind == "refusal":
+        return {"type": "text", "text": part.get("refusal", "")}
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str) or not url.startswith(("https://", "http://", "data:image/")):
+            raise BadRequest(f"{where}: image_url needs an http(s) URL or a data:image/ URL",
+                             param=where, code="invalid_value")
+    elif kind == "file":
+        file = part.get("file")
+        if not isinstance(file, dict) or not isinstance(file.get("file_data"), str):
+            raise BadRequest(f"{where}: only inline files (file.file_data, base64) are "
+                             "supported; euroute stores no files, so file_id cannot be resolved",
+                             param=where, code="unsupported_content")
+    elif kind == "input_audio":
+        audio = part.get("input_audio")
+        if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+            raise BadRequest(f"{where}: input_audio needs {{\"data\": base64, \"format\": ...}}",
+                             param=where, code="invalid_value")
+    return part
+
+
+def embeddings_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
     out: dict[str, Any] = {"model": upstream_model}
     for name, value in request.items():
-        target = fields.get(name)
+        target = _EMBEDDINGS.get(name)
         if target is None:
-            if name in _DROPPED:
+            if name in _EMBEDDINGS_DROPPED:
                 continue
             raise BadRequest(f"Unrecognized request argument supplied: {name}", param=name,
                              code="unknown_parameter")
         if value is None:
             continue
         mistral_name, kind = target
-        # bool is an int in Python; an int field must not take true/false.
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise BadRequest(f"invalid type for {name!r}", param=name, code="invalid_type")
+        _check(name, value, kind)
         out[mistral_name] = value
-    return out
-
-
-def chat_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
-    out = _rebuild(request, _CHAT, upstream_model)
-    limit = output_limit(request)
-    if limit is not None:
-        out["max_tokens"] = limit
-    messages = out.get("messages")
-    if not messages:
-        raise BadRequest("'messages' must be a non-empty array", param="messages",
-                         code="missing_required_parameter" if messages is None else "invalid_value")
-    fixed = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise BadRequest(f"messages[{i}] must be an object with a 'role'",
-                             param=f"messages[{i}]", code="invalid_type")
-        if message["role"] == "developer":  # OpenAI's newer name for the system role
-            message = {**message, "role": "system"}
-        fixed.append(message)
-    out["messages"] = fixed
-    return out
-
-
-def embeddings_request(request: dict[str, Any], upstream_model: str) -> dict[str, Any]:
-    out = _rebuild(request, _EMBEDDINGS, upstream_model)
     if "input" not in out:
         raise BadRequest("you must provide an input parameter", param="input",
                          code="missing_required_parameter")
@@ -163,6 +274,10 @@ def output_limit(request: dict[str, Any]) -> int | None:
     return newer if newer is not None else older
 
 
+_PART_NEEDS = {"image_url": "vision", "input_image": "vision", "file": "documents",
+               "input_audio": "audio"}
+
+
 def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:
     """The route capabilities this request cannot do without."""
     if endpoint == "embeddings":
@@ -177,12 +292,9 @@ def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:
         need.add("json_mode")
     for message in request.get("messages") or ():
         content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(
-            isinstance(part, dict) and part.get("type") in ("image_url", "input_image")
-            for part in content
-        ):
-            need.add("vision")
-            break
+        if isinstance(content, list):
+            need.update(_PART_NEEDS[part["type"]] for part in content
+                        if isinstance(part, dict) and part.get("type") in _PART_NEEDS)
     return frozenset(need)
 
 
@@ -282,58 +394,3 @@ class Scrubber:
         """An upstream's error, as relayed and recorded (its code becomes the outcome)."""
         exc.message = self.text(exc.message) or ""
         exc.param, exc.code = self.text(exc.param), self.text(exc.code)
-
-
-class StreamRelay:
-    """Relays SSE events as they arrive, unchanged; parses only events that carry usage.
-
-    It works on parsed events (proxy/sse.py), never on byte patterns: only an event whose data
-    is exactly `[DONE]` ends the stream. With `include_usage`, OpenAI's extra usage chunk
-    (empty choices) is sent as its own event before `[DONE]`, as OpenAI clients expect.
-    """
-
-    __slots__ = ("done", "events", "include_usage", "last_chunk", "scrub", "usage")
-
-    def __init__(self, include_usage: bool, scrub: Scrubber) -> None:
-        self.include_usage = include_usage
-        self.scrub = scrub
-        self.usage: tuple[int, int] | None = None
-        self.last_chunk: dict[str, Any] | None = None
-        self.done = False
-        self.events = 0
-
-    def relay(self, events: list[sse.Event]) -> bytes:
-        """The bytes to send on for these events; raises on impossible usage."""
-        out = []
-        for event in events:
-            if self.done:
-                break  # nothing follows [DONE]
-            data = event.data
-            if data is None:  # comments and keep-alives pass as they came
-                out.append(event.raw)
-                continue
-            self.events += 1
-            if data == b"[DONE]":
-                self.done = True
-                out.append(self._usage_event())
-            elif b'"usage"' in data:
-                self._take_usage(data)
-            out.append(self.scrub(event.raw))
-        return out[0] if len(out) == 1 else b"".join(out)
-
-    def _take_usage(self, data: bytes) -> None:
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(chunk, dict) and (usage := usage_of(chunk)) is not None:
-            self.usage = usage
-            self.last_chunk = chunk
-
-    def _usage_event(self) -> bytes:
-        if not self.include_usage or self.last_chunk is None:
-            return b""
-        c = self.last_chunk
-        extra = {"id": c.get("id"), "object": "chat.completion.chunk", "created": c.get("created"),
-                 "model": c.get("model"), "choices": [], "usage": c["usage"]}
-        return self.scrub(b"data: " + orjson.dumps(extra) + b"\n\n")

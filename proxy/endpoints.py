@@ -1,7 +1,10 @@
-"""The HTTP surface: chat completions, embeddings, models, health, metrics. Pure ASGI.
+"""The HTTP surface: chat completions, Responses, Messages, embeddings, models, health,
+metrics. Pure ASGI.
 
-One request, in order: authenticate, read and parse, decide, admit, translate, forward (falling
-over to the next compliant route only before any byte reached the client), record.
+One request, in order: authenticate, read and parse (each inbound API by its module in
+proxy/surfaces/, into one internal chat request), decide, admit, translate (by the route's
+dialect, proxy/dialects/), forward (falling over to the next compliant route only before any
+byte reached the client), render in the client's API, record.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import re
@@ -19,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from proxy import dialect, metrics
+from proxy import dialect, dialects, metrics, surfaces
 from proxy.asgi import DisconnectWatch, Receive, Scope, Send, read_body, send_error, send_json
 from proxy.errors import (
     BadRequest,
@@ -49,9 +53,12 @@ from proxy.policy.load import PolicySet
 from proxy.policy.schema import Policy, Route
 from proxy.relay import relay_json, relay_stream
 from proxy.settings import Settings
+from proxy.surfaces import chat, messages, responses
 from proxy.upstream import Call, Upstream
 
 log = logging.getLogger("euroute")
+# The inbound chat-like APIs, by endpoint name (the ledger's `endpoint`).
+SURFACES = {m.ENDPOINT: m for m in (chat, responses, messages)}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
@@ -107,12 +114,19 @@ def single_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes 
 
 def authenticate(keys: KeyCache, headers: Sequence[tuple[bytes, bytes]]) -> Key:
     try:
-        auth = single_header(headers, b"authorization") or b""
+        auth = single_header(headers, b"authorization")
+        # Anthropic's SDK sends its key in x-api-key.
+        api_key = single_header(headers, b"x-api-key") if auth is None else None
     except BadRequest as exc:
         raise Unauthorized(exc.message) from None
-    if not auth.lower().startswith(b"bearer "):
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <euroute key>'")
-    key = keys.get(auth[7:].strip().decode("latin-1"))
+    if api_key:
+        secret = api_key.strip()
+    elif auth and auth.lower().startswith(b"bearer "):
+        secret = auth[7:].strip()
+    else:
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <euroute key>' "
+                           "(or 'x-api-key: <euroute key>')")
+    key = keys.get(secret.decode("latin-1"))
     if key is None:
         raise Unauthorized("invalid or revoked API key")
     return key
@@ -126,6 +140,7 @@ class Exchange:
     routes: list[Route]
     request: dict[str, Any]
     endpoint: str
+    surface: surfaces.Exchange | None  # None for embeddings
     row: RequestRecord
     decision: dict[str, Any]
     started: float
@@ -150,14 +165,14 @@ class Gateway:
         self.admitted_unrecorded = 0
         self.pseudonym_key = (settings.pseudonym_key.get_secret_value().encode()
                               if settings.pseudonym_key else os.urandom(32))
+        # One handler per inbound API, named for its endpoint (proxy/app.py routes its PATH).
+        for endpoint in SURFACES:
+            setattr(self, endpoint, functools.partial(self._call, endpoint=endpoint))
 
     # -- the proxied endpoints --------------------------------------------------------------
 
-    async def chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._call(scope, receive, send, "chat")
-
     async def embeddings(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._call(scope, receive, send, "embeddings")
+        await self._call(scope, receive, send, endpoint="embeddings")
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, endpoint: str) -> None:
         started = time.perf_counter()
@@ -165,10 +180,16 @@ class Gateway:
         headers = dict(raw_headers)  # for the headers that cannot repeat
         request_id = "req_" + os.urandom(12).hex()
         reply_headers = [(b"x-request-id", request_id.encode())]
+        module = SURFACES.get(endpoint)
+        render = module.error if module is not None else EurouteError.render
+
+        async def send_error(exc: EurouteError) -> None:
+            await send_json(send, exc.status, render(exc), [*reply_headers, *exc.headers()])
+
         try:
             key = authenticate(self.keys, raw_headers)
         except Unauthorized as exc:
-            await send_error(send, exc, reply_headers)
+            await send_error(exc)
             return
         await self.writer.room()
         now = dt.datetime.now(dt.UTC)
@@ -194,15 +215,18 @@ class Gateway:
             row.enforcement = policy.enforcement
             row.retain_until = now.date() + dt.timedelta(days=policy.records.retention_days)
             body = await read_body(receive, headers, self.settings.max_body_bytes)
-            request = dialect.parse(body)
-            dialect.check_types(request)
-            model = request["model"]
+            data = dialect.parse(body)
+            model = data["model"]
             try:
                 row.set(model=model)
             except ValueError:
                 raise BadRequest("'model' must be at most 200 characters, without NUL",
                                  param="model", code="invalid_value") from None
-            user = _end_user(single_header(raw_headers, b"x-euroute-user"), request.get("user"))
+            # Each inbound API into the one internal request (proxy/surfaces/).
+            surface = module.parse(data, headers) if module is not None else None
+            request = surface.request if surface is not None else data
+            dialect.check_types(request)
+            user = _end_user(single_header(raw_headers, b"x-euroute-user"), data.get("user"))
             if user:
                 pseud = pseudonym(self.pseudonym_key, user)
                 salt = os.urandom(16).hex()
@@ -221,7 +245,8 @@ class Gateway:
             # Admitted: a durable record of the intent, before any byte leaves.
             route_facts(row, routes[0], policies)  # the intent names the first choice
             await self.writer.begin(row, decision, policy.audit.on_write_failure == "reject")
-            exchange = Exchange(policies, routes, request, endpoint, row, decision, started)
+            exchange = Exchange(policies, routes, request, endpoint, surface, row, decision,
+                                started)
             route, usage = await self._forward(receive, send, exchange, reply_headers)
             self._account(row, route, policy, usage)
         except EurouteError as exc:
@@ -229,14 +254,13 @@ class Gateway:
             if isinstance(exc, UpstreamError):
                 self._scrubber(policies).error(exc)
             row.finish(outcome_of(exc), exc.status)
-            await send_error(send, exc, reply_headers)
+            await send_error(exc)
         except Exception:
             # A bug, not the caller's fault: still one ledger row, and no traceback to the client.
             log.exception("request %s failed", request_id)
             row.finish("internal_error", 500)
             with contextlib.suppress(RuntimeError):  # the response may have started already
-                await send_error(send, EurouteError("internal error; see x-request-id"),
-                                 reply_headers)
+                await send_error(EurouteError("internal error; see x-request-id"))
         finally:
             row.decision = orjson.dumps(decision).decode()
             row.latency_us = int((time.perf_counter() - started) * 1e6)
@@ -250,7 +274,7 @@ class Gateway:
         """Forward (falling over while nothing reached the client), relay, note the outcome;
         (the route that answered, its usage)."""
         row, request = ex.row, ex.request
-        stream = ex.endpoint == "chat" and bool(request.get("stream"))
+        stream = ex.surface is not None and bool(request.get("stream"))
         scrub = self._scrubber(ex.policies)
         watch = DisconnectWatch(receive)
         events = relay = route = None
@@ -267,12 +291,16 @@ class Gateway:
             answered = [*reply_headers, (b"x-euroute-route", route.id.encode())]
             if (events := answer.events) is None:
                 watch.disarm()
-                base64 = ex.endpoint == "embeddings" and request.get("encoding_format") == "base64"
-                await relay_json(send, answer, base64, answered, scrub)
+                if ex.surface is None:
+                    base64 = request.get("encoding_format") == "base64"
+                    await relay_json(send, answer, base64, answered, scrub)
+                else:
+                    await send_json(send, 200, scrub(_rendered(ex.surface, answer, route)),
+                                    answered)
                 return route, answer.usage
-            options = request.get("stream_options")
-            relay = dialect.StreamRelay(
-                isinstance(options, dict) and options.get("include_usage") is True, scrub)
+            if ex.surface is None:
+                raise UpstreamUnavailable("upstream streamed an answer nobody asked for")
+            relay = surfaces.Relay(ex.surface.stream(), dialects.of(route).chunk, scrub)
             failure = await relay_stream(send, answer, relay, answered)
             watch.disarm()
             if failure is not None:
@@ -297,8 +325,7 @@ class Gateway:
 
     def _calls(self, ex: Exchange, stream: bool) -> Iterator[Call]:
         """One upstream request per compliant route, built only when that route is tried."""
-        path = "chat/completions" if ex.endpoint == "chat" else "embeddings"
-        build = dialect.chat_request if ex.endpoint == "chat" else dialect.embeddings_request
+        path = "embeddings" if ex.surface is None else "chat/completions"
         for route in ex.routes:
             ex.trying = route
             headers = {"content-type": "application/json", "accept-encoding": "identity",
@@ -306,7 +333,8 @@ class Gateway:
                        "user-agent": "euroute"}
             if api_key := ex.policies.api_keys.get(route.id):
                 headers["authorization"] = f"Bearer {api_key}"
-            body = orjson.dumps(build(ex.request, route.upstream_model))
+            body = orjson.dumps(dialect.embeddings_request(ex.request, route.upstream_model)
+                                if ex.surface is None else dialects.chat_body(ex.request, route))
             yield Call(route, f"{ex.policies.base_urls[route.id]}/{path}", body, headers)
 
     def _scrubber(self, policies: PolicySet) -> dialect.Scrubber:
@@ -329,7 +357,7 @@ class Gateway:
         needs = dialect.needs(request, endpoint)
         max_tokens = dialect.output_limit(request)
         cap = policy.limits.max_output_tokens
-        if max_tokens is None and cap is not None and endpoint == "chat":
+        if max_tokens is None and cap is not None and endpoint != "embeddings":
             # The policy's cap holds when the client names no limit too: the upstream gets it.
             max_tokens = request["max_tokens"] = cap
         decision["input"].update(model=model, policy=policy.name, needs=sorted(needs),
@@ -348,6 +376,8 @@ class Gateway:
                 reasons += _reasons(route, fails)
             else:
                 routes.append(route)
+        if endpoint != "embeddings":
+            routes = _taking_parameters(routes, request)
         decision.update(candidates=[r.id for r in routes], reasons=reasons)
         if routes:
             decision["result"] = "allow"
@@ -420,6 +450,23 @@ class Gateway:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", metrics.CONTENT_TYPE)]})
         await send({"type": "http.response.body", "body": self.sampler.scrape()})
+
+
+def _taking_parameters(routes: list[Route], request: dict[str, Any]) -> list[Route]:
+    """The compliant routes that take every answer-changing parameter of the request; when
+    none does, the request itself is at fault (400 naming the field), not the policy."""
+    taking = [r for r in routes if not dialects.unsupported(request, r)]
+    if routes and not taking:
+        dialects.chat_body(request, routes[0])  # raises the 400 naming what it lacks
+    return taking
+
+
+def _rendered(surface: surfaces.Exchange, answer: Any, route: Route) -> bytes:
+    """A JSON answer in the client's API; one already in its shape goes on as it came."""
+    raw = answer.body or b""
+    if surface.passthrough and not surfaces.NEEDS_FOLD.search(raw):
+        return raw
+    return surface.answer(dialects.of(route).answer(answer.json or {}))
 
 
 def missing_credentials(policies: PolicySet) -> list[dict[str, str]]:

@@ -26,6 +26,16 @@ ERROR = {
                        "code": _NULLABLE_STR},
     }},
 }
+# /v1/messages answers errors as Anthropic does, for Anthropic's SDK.
+MESSAGES_ERROR = {
+    "type": "object", "required": ["type", "error"], "additionalProperties": False,
+    "properties": {"type": {"const": "error"}, "error": {
+        "type": "object", "required": ["type", "message"],
+        # Denials add decision_id and reasons.
+        "additionalProperties": True,
+        "properties": {"type": _STR, "message": _STR},
+    }},
+}
 _ANY_OBJECT = {"type": "object"}
 _LIST = {"type": "object", "required": ["object", "data"],
          "properties": {"object": {"const": "list"}, "data": {"type": "array"}}}
@@ -63,6 +73,28 @@ _CHAT = {
         "top_p": {"type": "number"}, "tools": {"type": "array"}, "user": _STR,
     },
 }
+_RESPONSES = {  # OpenAI's Responses API; nothing is stored
+    "type": "object", "required": ["model", "input"],
+    "properties": {
+        "model": {"type": "string", "maxLength": 200},
+        "input": {"type": ["string", "array"]}, "instructions": _STR,
+        "max_output_tokens": {"type": "integer", "minimum": 1}, "stream": {"type": "boolean"},
+        "store": {"const": False}, "tools": {"type": "array"},
+    },
+}
+_MESSAGES = {  # Anthropic's Messages API; the key may also come in x-api-key
+    "type": "object", "required": ["model", "max_tokens", "messages"],
+    "properties": {
+        "model": {"type": "string", "maxLength": 200},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"enum": ["user", "assistant"]},
+                           "content": {"type": ["string", "array"]}}}},
+        "system": {"type": ["string", "array"]}, "stream": {"type": "boolean"},
+        "stop_sequences": {"type": "array", "items": _STR}, "tools": {"type": "array"},
+    },
+}
 _EMBEDDINGS = {"type": "object", "required": ["model", "input"],
                "properties": {"model": {"type": "string", "maxLength": 200},
                               "input": {"type": ["string", "array"]}}}
@@ -82,6 +114,10 @@ _TABLE: list[tuple[str, str, str, str, list[dict[str, Any]], dict[str, Any] | No
                    dict[str, Any] | None]] = [
     ("/v1/chat/completions", "post", "OpenAI chat completions, routed by policy", "app",
      _HEADERS, _CHAT, _ANY_OBJECT),
+    ("/v1/responses", "post", "OpenAI Responses API over chat completions, routed by policy",
+     "app", _HEADERS, _RESPONSES, _ANY_OBJECT),
+    ("/v1/messages", "post", "Anthropic Messages API over chat completions, routed by policy",
+     "app", _HEADERS, _MESSAGES, _ANY_OBJECT),
     ("/v1/embeddings", "post", "embeddings, routed by policy", "app", _HEADERS, _EMBEDDINGS,
      _ANY_OBJECT),
     ("/v1/models", "get", "the models the key's policy admits", "app", [], None, _LIST),
@@ -134,9 +170,10 @@ _ERRORS = {"400": "bad request", "401": "no key, or an unknown one",
 
 
 def _operation(summary: str, who: str, parameters: list[dict[str, Any]],
-               body: dict[str, Any] | None, ok: dict[str, Any] | None) -> dict[str, Any]:
+               body: dict[str, Any] | None, ok: dict[str, Any] | None,
+               error_schema: str = "Error") -> dict[str, Any]:
     error = {"description": "", "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Error"}}}}
+        "schema": {"$ref": f"#/components/schemas/{error_schema}"}}}}
     responses: dict[str, Any] = {"200": {"description": "OK"}}
     if ok is not None:
         responses["200"]["content"] = {"application/json": {"schema": ok}}
@@ -182,18 +219,21 @@ def _page(summary: str, parameters: list[dict[str, Any]],
 def document() -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for path, method, summary, who, parameters, body, ok in _TABLE:
-        paths.setdefault(path, {})[method] = _operation(summary, who, parameters, body, ok)
+        errors = "MessagesError" if path == "/v1/messages" else "Error"
+        paths.setdefault(path, {})[method] = _operation(summary, who, parameters, body, ok,
+                                                        errors)
     for path, method, summary, parameters, answers in _PAGES:
         paths.setdefault(path, {})[method] = _page(summary, parameters, answers)
     return {
         "openapi": "3.1.0",
         "info": {"title": "euroute", "version": "1",
                  "description": "EU-compliant LLM routing proxy. Every error has the shape of "
-                                "components.schemas.Error. Roles: x-euroute-role per operation "
+                                "components.schemas.Error (on /v1/messages, Anthropic's: "
+                                "MessagesError). Roles: x-euroute-role per operation "
                                 "(see SECURITY.md)."},
         "paths": paths,
         "components": {
-            "schemas": {"Error": ERROR},
+            "schemas": {"Error": ERROR, "MessagesError": MESSAGES_ERROR},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],

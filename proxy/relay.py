@@ -1,8 +1,9 @@
 """Relaying an upstream `Answer` to the client: a JSON body whole, a stream event by event.
 
 Bytes go on as they came unless they must change (a provider credential scrubbed, the
-embeddings encoding, OpenAI's usage chunk). A stream that fails after its first byte can no
-longer change its status: it ends with an OpenAI-style error event instead of `[DONE]`.
+embeddings encoding, a dialect's shape folded into the client's API). A stream that fails
+after its first byte can no longer change its status: it ends with the surface's error event
+(proxy/surfaces/) instead of its normal end.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import orjson
 from proxy import dialect
 from proxy.asgi import SSE, Send, send_json
 from proxy.errors import EurouteError, UpstreamUnavailable
+from proxy.surfaces import Relay
 from proxy.upstream import Answer
 
 Headers = list[tuple[bytes, bytes]]
@@ -25,7 +27,7 @@ async def relay_json(send: Send, answer: Answer, base64: bool, headers: Headers,
     await send_json(send, 200, scrub(raw), headers)
 
 
-async def relay_stream(send: Send, answer: Answer, relay: dialect.StreamRelay,
+async def relay_stream(send: Send, answer: Answer, relay: Relay,
                        headers: Headers) -> EurouteError | None:
     """Relays every event; returns what cut the stream short, or None when it ended well.
 
@@ -60,6 +62,6 @@ async def relay_stream(send: Send, answer: Answer, relay: dialect.StreamRelay,
     finally:
         await events.aclose()
     if failure is not None:
-        event = b"data: " + orjson.dumps({"error": failure.body()}) + b"\n\n"
-        await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": relay.fail(failure),
+                    "more_body": True})
     return failure

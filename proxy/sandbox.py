@@ -29,7 +29,8 @@ Reply = tuple[int, Any] | None  # (status, JSON payload), or None when a stream 
 CHAT_FIELDS = frozenset({
     "model", "messages", "temperature", "top_p", "max_tokens", "stream", "stop", "random_seed",
     "response_format", "tools", "tool_choice", "presence_penalty", "frequency_penalty", "n",
-    "prediction", "parallel_tool_calls", "prompt_mode", "safe_prompt",
+    "prediction", "parallel_tool_calls", "prompt_mode", "safe_prompt", "logprobs", "top_logprobs",
+    "reasoning_effort",
 })
 EMBEDDING_FIELDS = frozenset({"model", "input", "encoding_format", "output_dimension",
                               "output_dtype"})

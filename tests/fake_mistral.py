@@ -9,6 +9,9 @@ requests and each fires once:
     delay_next(seconds)      the next request waits before answering
     cut_stream_after(n)      the next stream stops after n events, connection dropped
     omit_usage_next()        the next response carrying usage (JSON or stream) loses it
+    answer_next(text, ...)   the next valid chat request is answered with this text, after a
+                             thinking chunk when `thinking` is given, with tool calls when given
+                             (Magistral's shape, JSON or SSE as the request asked)
 """
 
 from __future__ import annotations
@@ -40,6 +43,53 @@ class ReceivedRequest:
     raw: bytes
 
 
+@dataclass(frozen=True)
+class Script:
+    """A scripted chat answer: thinking (optional), then text, then tool calls (optional)."""
+
+    text: str
+    thinking: str | None = None
+    tool_calls: tuple[dict[str, Any], ...] = ()
+    usage: tuple[int, int] = (21, 13)
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
+
+    def usage_json(self) -> dict[str, int]:
+        prompt, completion = self.usage
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion}
+
+    def pieces(self, text: str) -> list[str]:
+        """The text in three pieces, as a stream carries it."""
+        third = max(1, len(text) // 3)
+        return [text[i:i + third] for i in range(0, len(text), third)] or [""]
+
+    def tool_calls_json(self) -> list[dict[str, Any]]:
+        return [{"id": c.get("id", f"call{i}"), "type": "function", "index": i,
+                 "function": {"name": c["name"], "arguments": c["arguments"]}}
+                for i, c in enumerate(self.tool_calls)]
+
+    def mistral_json(self, head: dict[str, Any]) -> dict[str, Any]:
+        content: Any = self.text
+        if self.thinking is not None:
+            content = [sandbox._thinking_chunk(self.thinking), {"type": "text", "text": self.text}]
+        message = {"role": "assistant", "content": content,
+                   "tool_calls": self.tool_calls_json() or None}
+        return {**head, "object": "chat.completion", "usage": self.usage_json(), "choices": [
+            {"index": 0, "message": message, "finish_reason": self.finish_reason}]}
+
+    def mistral_deltas(self) -> list[dict[str, Any]]:
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": ""}]
+        if self.thinking is not None:
+            deltas += [{"content": [sandbox._thinking_chunk(p)]} for p in self.pieces(self.thinking)]
+        deltas += [{"content": p} for p in self.pieces(self.text)]
+        if self.tool_calls:
+            deltas.append({"content": "", "tool_calls": self.tool_calls_json()})
+        return deltas
+
+
 class _StreamCut(Exception):
     """Raised into the sandbox to stop it mid-stream."""
 
@@ -60,6 +110,7 @@ class FakeMistral:
         self._delay = 0.0
         self._cut_after: int | None = None
         self._omit_usage = False
+        self._script: Script | None = None
 
     # -- fault injection ------------------------------------------------------------------
 
@@ -85,8 +136,16 @@ class FakeMistral:
         with self._lock:
             self._omit_usage = True
 
+    def answer_next(self, text: str, *, thinking: str | None = None,
+                    tool_calls: list[dict[str, Any]] | None = None,
+                    usage: tuple[int, int] = (21, 13)) -> None:
+        """`tool_calls`: [{"name": ..., "arguments": json text, "id": optional}]."""
+        with self._lock:
+            self._script = Script(text, thinking, tuple(tool_calls or ()), usage)
+
     def reset(self) -> None:
         with self._lock:
+            self._script = None
             self.received.clear()
             self._failures.clear()
             self._delay = 0.0
@@ -185,9 +244,64 @@ class FakeMistral:
             replayed = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
+        script = self._take("_script", None) if scope["path"].endswith("/chat/completions") \
+            else None
+        if script is not None:
+            # The upstream still validates the request; a valid one gets the scripted answer.
+            await self._app(scope, replay, _Scripted(self, send, script, parsed).send)
+            return
         # Returning mid-response after a cut makes uvicorn close the socket: a dropped upstream.
         with contextlib.suppress(_StreamCut):
             await self._app(scope, replay, _Rewriter(self, send).send)
+
+    # -- the answer's shape (FakeOpenAI answers in OpenAI's) ------------------------------
+
+    def scripted_json(self, script: Script, head: dict[str, Any]) -> dict[str, Any]:
+        return script.mistral_json(head)
+
+    def scripted_events(self, script: Script, head: dict[str, Any], request: Any
+                        ) -> list[dict[str, Any]]:
+        """The data events of a scripted stream; usage rides on the last, as Mistral's does."""
+        deltas = script.mistral_deltas()
+        events = [{**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+        events[-1]["choices"][0]["finish_reason"] = script.finish_reason
+        events[-1]["usage"] = script.usage_json()
+        return events
+
+
+class _Scripted:
+    """Swallows the upstream's own answer to a valid request and sends the script instead."""
+
+    def __init__(self, fake: FakeMistral, send: sandbox.Send, script: Script, request: Any
+                 ) -> None:
+        self.fake, self._send, self.script, self.request = fake, send, script, request
+        self.relay = False
+
+    async def send(self, message: sandbox.Message) -> None:
+        if message["type"] == "http.response.start":
+            self.relay = message["status"] != 200  # a validation error goes out as it is
+            if self.relay:
+                await self._send(message)
+            return
+        if self.relay:
+            await self._send(message)
+        elif not message.get("more_body"):
+            await self._answer()
+
+    async def _answer(self) -> None:
+        head = {"id": "cmpl-scripted", "created": int(time.time()),
+                "model": self.request["model"]}
+        if not self.request.get("stream"):
+            await sandbox.send_json(send=self._send, status=200,
+                                    payload=self.fake.scripted_json(self.script, head))
+            return
+        await self._send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
+        for event in self.fake.scripted_events(self.script, head, self.request):
+            await self._send({"type": "http.response.body", "more_body": True,
+                              "body": b"data: " + orjson.dumps(event) + b"\n\n"})
+        await self._send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
 
 class _Rewriter:

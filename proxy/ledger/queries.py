@@ -30,7 +30,7 @@ from proxy.ledger.chain import (
 from proxy.ledger.tables import chains, dead_letters, ledger, tombstones
 
 FILTERS = ("app", "model", "route", "policy", "outcome")
-GROUPS = ("app", "model", "route", "day", "month", "policy", "outcome")
+GROUPS = ("app", "model", "route", "day", "month", "policy", "outcome", "endpoint")
 DECISION_GROUPS = ("policy", "requirement", "app", "model", "route", "day", "month")
 NANO = Decimal(1_000_000_000)
 # Raw rows leave the database without the pseudonym's salt: with it, anyone holding a list of

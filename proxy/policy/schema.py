@@ -17,7 +17,14 @@ REGIONS = {"EU": EU, "EEA": EEA}
 
 Country = Annotated[str, Field(pattern=r"^[A-Z]{2}$")]
 Capability = Literal[
-    "chat", "streaming", "tools", "vision", "json_mode", "reasoning", "embeddings", "fim"
+    "chat", "streaming", "tools", "vision", "documents", "audio", "json_mode", "reasoning",
+    "embeddings", "fim"
+]
+# Chat request fields that change the answer and that not every route takes (proxy/dialect.py).
+Parameter = Literal[
+    "temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "n",
+    "logprobs", "top_logprobs", "logit_bias", "reasoning_effort", "prediction", "verbosity",
+    "prompt_mode", "safe_prompt", "modalities", "audio", "web_search_options"
 ]
 ThirdPartyAccess = Literal["none", "subprocessors", "partners", "unrestricted"]
 TransferMechanism = Literal["none_needed", "adequacy", "scc", "bcr", "dpf"]
@@ -97,6 +104,9 @@ class Route(Strict):
     pricing: Pricing
     limits: RouteLimits
     capabilities: frozenset[Capability]
+    # The API the route speaks (proxy/dialects/) and the optional parameters it takes.
+    dialect: Literal["mistral", "openai"] = "mistral"
+    parameters: frozenset[Parameter] = frozenset()
     upstream: RouteUpstream | None = None
 
 

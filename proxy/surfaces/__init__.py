@@ -1,0 +1,182 @@
+"""The inbound APIs, one module each: chat (OpenAI chat completions), responses (OpenAI
+Responses), messages (Anthropic Messages).
+
+A surface parses its request into the internal chat request (OpenAI's chat request, rebuilt by
+proxy/dialect.py) and renders the internal answer (a chat completion, or a stream of chat
+chunks, with the thinking in `reasoning_content`) and euroute's errors in its own shape. The
+gateway runs the same pipeline for every surface. Each module has:
+
+    PATH                        where it is served (POST)
+    ENDPOINT                    the endpoint name the ledger records
+    parse(data, headers)        an Exchange for one request (raises BadRequest)
+    error(exc)                  the body of an error, in the surface's shape
+
+and each Exchange has `request` (the internal request), `answer(completion) -> bytes` and
+`stream() -> Stream`, whose `feed(chunk)`, `close()` and `fail(exc)` return the bytes to send.
+Adding a surface is one module here, named in proxy/endpoints.py's SURFACES.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import orjson
+
+from proxy import dialect
+from proxy.errors import EurouteError, UpstreamUnavailable
+
+# What a dialect may have to fold: a content chunk list, vLLM's `reasoning` field. An answer
+# without either is already in the internal shape, so the chat surface relays its bytes as
+# they came. (A match inside a JSON string is impossible: its quotes would be escaped.)
+NEEDS_FOLD = re.compile(rb'"content":\s*\[|"reasoning"')
+
+
+class Stream(Protocol):
+    passthrough: bool  # events already in the surface's shape may go on as they came
+
+    def feed(self, chunk: dict[str, Any]) -> bytes: ...
+    def close(self) -> bytes: ...
+    def fail(self, exc: EurouteError) -> bytes: ...
+
+
+class Exchange(Protocol):
+    request: dict[str, Any]
+    passthrough: bool  # an answer already in the internal shape may go on as it came
+
+    def answer(self, completion: dict[str, Any]) -> bytes: ...
+    def stream(self) -> Stream: ...
+
+
+class SSEEvent(Protocol):
+    raw: bytes  # the event as it came, framing included
+    data: bytes | None  # None for a comment
+
+
+class Relay:
+    """An upstream's SSE events through its dialect (folded into internal chunks) and the
+    surface's stream (rendered in the client's API); keeps the usage the ledger records."""
+
+    __slots__ = ("done", "events", "fold", "scrub", "stream", "usage")
+
+    def __init__(self, stream: Stream, fold: Callable[[dict[str, Any]], dict[str, Any]],
+                 scrub: Callable[[bytes], bytes]) -> None:
+        self.stream, self.fold, self.scrub = stream, fold, scrub
+        self.usage: tuple[int, int] | None = None
+        self.done = False
+        self.events = 0
+
+    def relay(self, events: Iterable[SSEEvent]) -> bytes:
+        """The bytes to send for these events; raises on an event that is not a chunk."""
+        out = []
+        for event in events:
+            if self.done:
+                break  # nothing follows [DONE]
+            data = event.data
+            if data is None:  # comments and keep-alives pass as they came
+                out.append(event.raw)
+                continue
+            self.events += 1
+            if data == b"[DONE]":
+                self.done = True
+                out.append(self.stream.close())
+            elif self.stream.passthrough and b'"usage"' not in data \
+                    and not NEEDS_FOLD.search(data):
+                out.append(event.raw)
+            else:
+                out.append(self._render(data))
+        return self.scrub(b"".join(out))
+
+    def _render(self, data: bytes) -> bytes:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable("upstream sent a stream event that is not JSON",
+                                      code="upstream_error") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamUnavailable("upstream sent a stream event that is not a chunk",
+                                      code="upstream_error")
+        if (usage := dialect.usage_of(chunk)) is not None:
+            self.usage = usage
+        return self.stream.feed(self.fold(chunk))
+
+    def fail(self, exc: EurouteError) -> bytes:
+        """What ends a stream cut short: its status has gone out, so the surface's error event."""
+        return self.scrub(self.stream.fail(exc))
+
+
+class ChunkStream:
+    """A stream rendered from chat chunks: keeps usage and the finish reason, and hands the
+    pieces of each delta on in order (thinking, text, tool calls) to the subclass."""
+
+    passthrough = False
+
+    def __init__(self) -> None:
+        self.started = False
+        self.usage: Any = None
+        self.finish: str | None = None
+
+    def begin(self) -> bytes:
+        """The events that open the stream, once."""
+        raise NotImplementedError
+
+    def thinking(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def text(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def tool_call(self, call: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def opened(self) -> bytes:
+        if self.started:
+            return b""
+        self.started = True
+        return self.begin()
+
+    def feed(self, chunk: dict[str, Any]) -> bytes:
+        out = self.opened()
+        if chunk.get("usage") is not None:
+            self.usage = chunk["usage"]
+        choice = first_choice(chunk)
+        if choice is None:
+            return out
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
+        delta = choice.get("delta") or {}
+        thinking, text = delta.get("reasoning_content"), delta.get("content")
+        if isinstance(thinking, str) and thinking:
+            out += self.thinking(thinking)
+        if isinstance(text, str) and text:
+            out += self.text(text)
+        for call in tool_call_deltas(delta):
+            out += self.tool_call(call)
+        return out
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    """One named server-sent event (Responses and Messages name theirs)."""
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def first_choice(chunk: dict[str, Any]) -> dict[str, Any] | None:
+    choices = chunk.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        return choices[0]
+    return None
+
+
+def tool_call_deltas(delta: dict[str, Any]) -> list[dict[str, Any]]:
+    calls = delta.get("tool_calls")
+    return [c for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+
+
+def usage_pair(usage: Any) -> tuple[int, int]:
+    """(prompt, completion) tokens, 0 where the upstream did not say."""
+    if not isinstance(usage, dict):
+        return 0, 0
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (prompt if isinstance(prompt, int) else 0,
+            completion if isinstance(completion, int) else 0)
