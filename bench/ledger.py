@@ -5,7 +5,7 @@
     python bench/ledger.py --pg-url postgresql+asyncpg://postgres@127.0.0.1:5432/postgres
     python bench/ledger.py --intents 5000      # also: what durability (intents) costs
 
-Rows are built the way proxy/endpoints.py builds them for an answered chat completion (same
+Rows are built the way proxy/gateway.py builds them for an answered chat completion (same
 keys, same value shapes, a decision JSON like the real one, a pseudonymous end user on a share
 of rows). Two measures per database:
 
@@ -49,7 +49,7 @@ PSEUDONYM_KEY = os.urandom(32)
 
 
 def make_row(i: int, key_id: str, policy_version: str) -> RequestRecord:
-    """One ledger row as proxy/endpoints.py Gateway._call + _route_facts + _account make it."""
+    """One ledger row as proxy/gateway.py Gateway._call + _route_facts + _account make it."""
     now = dt.datetime.now(dt.UTC)
     request_id = "req_" + os.urandom(12).hex()
     decision_id = "dec_" + os.urandom(12).hex()

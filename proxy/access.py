@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from proxy import report
-from proxy.endpoints import authenticate
 from proxy.errors import BadRequest, EurouteError, Forbidden
+from proxy.gateway import authenticate
 from proxy.keys import Key, Role
 
 Handler = Callable[[Request, Key], Awaitable[Response]]

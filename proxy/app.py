@@ -17,8 +17,8 @@ from starlette.routing import Route
 
 from proxy import __version__, audit, openapi, ui
 from proxy.access import error_response
-from proxy.endpoints import SURFACES, Gateway, missing_credentials
 from proxy.errors import EurouteError, NotFound
+from proxy.gateway import SURFACES, Gateway, missing_credentials
 from proxy.keys import KeyCache
 from proxy.ledger.anchors import AnchorSink
 from proxy.ledger.chain import DEV_KEY

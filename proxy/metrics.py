@@ -36,7 +36,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from proxy.endpoints import Gateway
+    from proxy.gateway import Gateway
     from proxy.ledger.record import RequestRecord
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

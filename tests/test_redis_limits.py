@@ -17,8 +17,8 @@ import redis
 from pydantic import ValidationError
 from sqlalchemy.pool import NullPool
 
-from proxy.endpoints import outcome_of
 from proxy.errors import StoreUnavailable
+from proxy.gateway import outcome_of
 from proxy.ledger.db import make_engine
 from proxy.limits import Budgets
 from proxy.policy.schema import Budget

@@ -13,7 +13,7 @@ gateway runs the same pipeline for every surface. Each module has:
 
 and each Exchange has `request` (the internal request), `answer(completion) -> bytes` and
 `stream() -> Stream`, whose `feed(chunk)`, `close()` and `fail(exc)` return the bytes to send.
-Adding a surface is one module here, named in proxy/endpoints.py's SURFACES.
+Adding a surface is one module here, named in proxy/gateway.py's SURFACES.
 """
 
 from __future__ import annotations

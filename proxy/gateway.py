@@ -1,5 +1,5 @@
-"""The HTTP surface: chat completions, Responses, Messages, embeddings, models, health,
-metrics. Pure ASGI.
+"""The gateway: the one pipeline every inbound API runs (chat completions, Responses,
+Messages, embeddings), plus models, health and metrics. Pure ASGI.
 
 One request, in order: authenticate, read and parse (each inbound API by its module in
 proxy/surfaces/, into one internal chat request), decide, admit, translate (by the route's
