@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
-from proxy.errors import BadRequest, EurouteError, UpstreamUnavailable
+from proxy.errors import BadRequest, UpstreamUnavailable
 
 # Above any model's output; keeps the number an int64 everywhere it goes (budget, ledger).
 MAX_OUTPUT_TOKENS = 10_000_000
@@ -358,39 +357,3 @@ def error_from_upstream(status: int, body: bytes) -> tuple[str, str | None, str 
     return (str(message), data.get("type") or None, data.get("param"),
             None if code is None else str(code))
 
-
-class Scrubber:
-    """Replaces every configured provider credential in what goes back to a client.
-
-    An upstream may echo euroute's `Authorization` header (in an answer, an error message, a
-    stream event); the app must never see euroute's provider key. The JSON-escaped form is
-    replaced too. Keys shorter than 8 characters are not real provider keys and would blank
-    out ordinary text, so they are left alone.
-    """
-
-    __slots__ = ("_secrets",)
-    MARK = b"[redacted]"
-
-    def __init__(self, secrets: Iterable[str | None]) -> None:
-        forms = set()
-        for secret in secrets:
-            if secret and len(secret) >= 8:
-                forms.add(secret.encode())
-                forms.add(orjson.dumps(secret)[1:-1])
-        self._secrets = tuple(sorted(forms, key=len, reverse=True))
-
-    def __call__(self, raw: bytes) -> bytes:
-        for secret in self._secrets:
-            if secret in raw:
-                raw = raw.replace(secret, self.MARK)
-        return raw
-
-    def text(self, value: str | None) -> str | None:
-        if value is None or not self._secrets:
-            return value
-        return self(value.encode()).decode()
-
-    def error(self, exc: EurouteError) -> None:
-        """An upstream's error, as relayed and recorded (its code becomes the outcome)."""
-        exc.message = self.text(exc.message) or ""
-        exc.param, exc.code = self.text(exc.param), self.text(exc.code)

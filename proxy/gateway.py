@@ -52,6 +52,7 @@ from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
 from proxy.policy.schema import Policy, Route
 from proxy.relay import relay_json, relay_stream
+from proxy.scrub import Scrubber
 from proxy.settings import Settings
 from proxy.surfaces import chat, messages, responses
 from proxy.upstream import Call, Upstream
@@ -161,7 +162,7 @@ class Gateway:
         self.rates = RateLimiter(settings.redis_url, prefix=settings.redis_prefix,
                                  timeout_s=settings.redis_timeout_s)
         self.sampler = metrics.Sampler(self)
-        self._scrub: tuple[PolicySet | None, dialect.Scrubber] = (None, dialect.Scrubber(()))
+        self._scrub: tuple[PolicySet | None, Scrubber] = (None, Scrubber(()))
         self.admitted_unrecorded = 0
         self.pseudonym_key = (settings.pseudonym_key.get_secret_value().encode()
                               if settings.pseudonym_key else os.urandom(32))
@@ -337,9 +338,9 @@ class Gateway:
                                 if ex.surface is None else dialects.chat_body(ex.request, route))
             yield Call(route, f"{ex.policies.base_urls[route.id]}/{path}", body, headers)
 
-    def _scrubber(self, policies: PolicySet) -> dialect.Scrubber:
+    def _scrubber(self, policies: PolicySet) -> Scrubber:
         if self._scrub[0] is not policies:
-            self._scrub = (policies, dialect.Scrubber(policies.api_keys.values()))
+            self._scrub = (policies, Scrubber(policies.api_keys.values()))
         return self._scrub[1]
 
     def _decide(self, policies: PolicySet, request: dict[str, Any], endpoint: str,

@@ -13,6 +13,7 @@ import orjson
 from proxy import dialect
 from proxy.asgi import SSE, Send, send_json
 from proxy.errors import EurouteError, UpstreamUnavailable
+from proxy.scrub import Scrubber
 from proxy.surfaces import Relay
 from proxy.upstream import Answer
 
@@ -20,7 +21,7 @@ Headers = list[tuple[bytes, bytes]]
 
 
 async def relay_json(send: Send, answer: Answer, base64: bool, headers: Headers,
-                     scrub: dialect.Scrubber) -> None:
+                     scrub: Scrubber) -> None:
     raw = answer.body or b""
     if base64:  # OpenAI's SDK asks embeddings in base64; Mistral answers floats
         raw = orjson.dumps(dialect.embeddings_answer(answer.json or {}, "base64"))

@@ -13,6 +13,7 @@ from mistralai.client import Mistral
 from pydantic import BaseModel
 
 from proxy.dialects import mistral
+from proxy.scrub import Scrubber
 from proxy.surfaces import Relay, chat
 from tests.conftest import Proxy
 from tests.fake_mistral import FakeMistral
@@ -80,8 +81,8 @@ class Event:
 
 def test_relay_keeps_plain_events_byte_for_byte_and_folds_thinking() -> None:
     relay = Relay(chat.parse({"model": "m", "messages": HELLO, "stream": True}, {}).stream(),
-                  mistral.chunk, lambda raw: raw.replace(b"sk-secret", b"[redacted]"))
-    plain = Event(b'{"choices": [{"index": 0, "delta": {"content": "Hi sk-secret"}}]}')
+                  mistral.chunk, Scrubber(["sk-secret"]))
+    plain = Event(b'{"id": "sk-secret", "choices": [{"index": 0, "delta": {"content": "Hi"}}]}')
     thinking = Event(orjson.dumps(chunk({"content": [THINKING]})))
     last = Event(orjson.dumps(chunk({"content": "!"}, usage={"prompt_tokens": 2,
                                                             "completion_tokens": 3})))

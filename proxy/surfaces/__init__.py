@@ -26,6 +26,7 @@ import orjson
 
 from proxy import dialect
 from proxy.errors import EurouteError, UpstreamUnavailable
+from proxy.scrub import Scrubber
 
 # What a dialect may have to fold: a content chunk list, vLLM's `reasoning` field. An answer
 # without either is already in the internal shape, so the chat surface relays its bytes as
@@ -56,13 +57,17 @@ class SSEEvent(Protocol):
 
 class Relay:
     """An upstream's SSE events through its dialect (folded into internal chunks) and the
-    surface's stream (rendered in the client's API); keeps the usage the ledger records."""
+    surface's stream (rendered in the client's API); keeps the usage the ledger records.
 
-    __slots__ = ("done", "events", "fold", "scrub", "stream", "usage")
+    Provider keys are scrubbed from the bytes that go out, and from the texts across events
+    (proxy/scrub.py): a chunk that passes as it came passes only when its texts need nothing."""
+
+    __slots__ = ("done", "events", "fold", "scrub", "stream", "texts", "usage")
 
     def __init__(self, stream: Stream, fold: Callable[[dict[str, Any]], dict[str, Any]],
-                 scrub: Callable[[bytes], bytes]) -> None:
+                 scrub: Scrubber) -> None:
         self.stream, self.fold, self.scrub = stream, fold, scrub
+        self.texts = scrub.stream()
         self.usage: tuple[int, int] | None = None
         self.done = False
         self.events = 0
@@ -80,30 +85,46 @@ class Relay:
             self.events += 1
             if data == b"[DONE]":
                 self.done = True
-                out.append(self.stream.close())
+                out.append(self._flush() + self.stream.close())
             elif self.stream.passthrough and b'"usage"' not in data \
                     and not NEEDS_FOLD.search(data):
-                out.append(event.raw)
+                out.append(self._pass(data, event.raw))
             else:
                 out.append(self._render(data))
         return self.scrub(b"".join(out))
 
+    def _pass(self, data: bytes, raw: bytes) -> bytes:
+        """A chunk in the surface's shape already: as it came, unless its texts are scrubbed."""
+        chunk = _chunk(data)
+        return self.stream.feed(chunk) if self.texts.chunk(chunk) else raw
+
     def _render(self, data: bytes) -> bytes:
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise UpstreamUnavailable("upstream sent a stream event that is not JSON",
-                                      code="upstream_error") from None
-        if not isinstance(chunk, dict):
-            raise UpstreamUnavailable("upstream sent a stream event that is not a chunk",
-                                      code="upstream_error")
+        chunk = _chunk(data)
         if (usage := dialect.usage_of(chunk)) is not None:
             self.usage = usage
-        return self.stream.feed(self.fold(chunk))
+        chunk = self.fold(chunk)
+        self.texts.chunk(chunk)
+        return self.stream.feed(chunk)
+
+    def _flush(self) -> bytes:
+        held = self.texts.flush()
+        return b"" if held is None else self.stream.feed(held)
 
     def fail(self, exc: EurouteError) -> bytes:
         """What ends a stream cut short: its status has gone out, so the surface's error event."""
-        return self.scrub(self.stream.fail(exc))
+        return self.scrub(self._flush() + self.stream.fail(exc))
+
+
+def _chunk(data: bytes) -> dict[str, Any]:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise UpstreamUnavailable("upstream sent a stream event that is not JSON",
+                                  code="upstream_error") from None
+    if not isinstance(chunk, dict):
+        raise UpstreamUnavailable("upstream sent a stream event that is not a chunk",
+                                  code="upstream_error")
+    return chunk
 
 
 class ChunkStream:
