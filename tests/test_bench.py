@@ -17,6 +17,7 @@ SMOKES = {
     "ledger": ["bench/ledger.py", "--rows", "3000", "--no-paced", "--intents", "300",
                "--out", "{tmp}"],
     "audit": ["bench/audit_summary.py", "--smoke"],
+    "relay": ["bench/relay.py", "--smoke"],
 }
 
 
