@@ -93,7 +93,8 @@ def _report_start(settings: Settings, policies: LivePolicies, writer_id: str) ->
         "policy_version": current.version[:12], "routes": ",".join(routes) or "none",
         "writer": writer_id}})
     for missing in missing_credentials(current):
-        log.error("an enabled route has no credential: /readyz answers 503 until it is set",
+        log.error("an enabled route has no credential: it is not tried and /readyz answers 503 "
+                  "until it is set",
                   extra={"fields": missing})
     if settings.pseudonym_key is None:
         log.warning("EUROUTE_PSEUDONYM_KEY is not set: end-user pseudonyms use a random key per "

@@ -27,6 +27,7 @@ from proxy import dialect, dialects, metrics, surfaces
 from proxy.asgi import DisconnectWatch, Receive, Scope, Send, read_body, send_error, send_json
 from proxy.errors import (
     BadRequest,
+    CredentialsMissing,
     EurouteError,
     Forbidden,
     ModelNotFound,
@@ -64,6 +65,7 @@ OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
     Unavailable: "ledger_unavailable", StoreUnavailable: "unavailable",
+    CredentialsMissing: "unavailable",
     UpstreamTimeout: "upstream_timeout",
 }
 
@@ -234,6 +236,8 @@ class Gateway:
                         end_user_commitment=commitment(salt, pseud))
             routes = self._decide(policies, request, endpoint, policy, model, raw_headers,
                                   decision, row)
+            if policies.uncredentialed:
+                routes = _credentialed(routes, policies.uncredentialed, decision)
             if not self.writer.healthy:
                 if policy.audit.on_write_failure == "reject":
                     raise Unavailable("the audit ledger cannot be written; this policy refuses "
@@ -469,11 +473,29 @@ def _rendered(surface: surfaces.Exchange, answer: Any, route: Route) -> bytes:
     return surface.answer(dialects.of(route).answer(answer.json or {}))
 
 
+def _credentialed(routes: list[Route], missing: dict[str, str], decision: dict[str, Any]
+                  ) -> list[Route]:
+    """The routes whose provider credential is set. One without it is never tried (it would
+    reach its provider unauthenticated); the decision names it, and when no route is left the
+    request is refused with the route and the variable (never a secret: the variable is unset)."""
+    left_out = [(r.id, missing[r.id]) for r in routes if r.id in missing]
+    if not left_out:
+        return routes
+    usable = [r for r in routes if r.id not in missing]
+    decision["reasons"] += [{"route": route, "requirement": "credentials",
+                             "message": f"{variable} is not set"} for route, variable in left_out]
+    decision["candidates"] = [r.id for r in usable]
+    if not usable:
+        raise CredentialsMissing("no route for this request can be called: " + "; ".join(
+            f"route {route} has no credential ({variable} is not set on this replica)"
+            for route, variable in left_out))
+    return usable
+
+
 def missing_credentials(policies: PolicySet) -> list[dict[str, str]]:
-    """Enabled routes whose API key variable is unset: requests would reach them with no
-    credentials, so the replica is not ready."""
-    return [{"route": r.id, "variable": r.api_key_env} for r in policies.catalog.routes
-            if r.api_key_env and r.id in policies.base_urls and not policies.api_keys.get(r.id)]
+    """Enabled routes whose API key variable is unset: they are never tried, so the replica is
+    not ready."""
+    return [{"route": r, "variable": v} for r, v in policies.uncredentialed.items()]
 
 
 def _end_user(header: bytes | None, field: Any) -> str:
