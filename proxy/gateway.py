@@ -47,7 +47,7 @@ from proxy.ledger.record import OUTCOMES as RECORD_OUTCOMES
 from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
-from proxy.logs import log_request
+from proxy.logs import log_request, log_unauthorized
 from proxy.policy.decide import Check, parse_narrowing, request_checks
 from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
@@ -114,24 +114,36 @@ def single_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes 
     return values[0] if values else None
 
 
-def authenticate(keys: KeyCache, headers: Sequence[tuple[bytes, bytes]]) -> Key:
+def authenticate(keys: KeyCache, scope: Scope) -> Key:
+    """The key a request presents, or Unauthorized (401), counted and logged by `refused`."""
+    headers = scope["headers"]
     try:
         auth = single_header(headers, b"authorization")
         # Anthropic's SDK sends its key in x-api-key.
         api_key = single_header(headers, b"x-api-key") if auth is None else None
     except BadRequest as exc:
+        refused(scope, "malformed")
         raise Unauthorized(exc.message) from None
     if api_key:
         secret = api_key.strip()
     elif auth and auth.lower().startswith(b"bearer "):
         secret = auth[7:].strip()
     else:
+        refused(scope, "missing")
         raise Unauthorized("missing API key: send 'Authorization: Bearer <euroute key>' "
                            "(or 'x-api-key: <euroute key>')")
     key = keys.get(secret.decode("latin-1"))
     if key is None:
+        refused(scope, "invalid")
         raise Unauthorized("invalid or revoked API key")
     return key
+
+
+def refused(scope: Scope, reason: metrics.Refusal) -> None:
+    """A request refused for want of a valid key: counted and logged, never any part of the
+    key. No ledger row: a client without a key must not be able to grow the ledger."""
+    metrics.UNAUTHORIZED.labels(reason).inc()
+    log_unauthorized(scope, reason)
 
 
 @dataclass(slots=True)
@@ -189,7 +201,7 @@ class Gateway:
             await send_json(send, exc.status, render(exc), [*reply_headers, *exc.headers()])
 
         try:
-            key = authenticate(self.keys, raw_headers)
+            key = authenticate(self.keys, scope)
         except Unauthorized as exc:
             await send_error(exc)
             return
@@ -423,7 +435,7 @@ class Gateway:
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            key = authenticate(self.keys, scope["headers"])
+            key = authenticate(self.keys, scope)
             if key.role != "app":
                 raise Forbidden(f"a key with role {key.role!r} may not list the models; only "
                                 "app keys may")
