@@ -177,8 +177,7 @@ class Gateway:
         self.sampler = metrics.Sampler(self)
         self._scrub: tuple[PolicySet | None, dialect.Scrubber] = (None, dialect.Scrubber(()))
         self.admitted_unrecorded = 0
-        self.pseudonym_key = (settings.pseudonym_key.get_secret_value().encode()
-                              if settings.pseudonym_key else os.urandom(32))
+        self.pseudonym_key = settings.pseudonym_secret()
         # One handler per inbound API, named for its endpoint (proxy/app.py routes its PATH).
         for endpoint in SURFACES:
             setattr(self, endpoint, functools.partial(self._call, endpoint=endpoint))

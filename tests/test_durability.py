@@ -328,12 +328,14 @@ def test_backup_of_postgresql_points_to_pg_dump(monkeypatch: pytest.MonkeyPatch,
     assert "pg_dump" in capsys.readouterr().err
 
 
-def test_production_refuses_to_serve_without_a_ledger_key(tmp_path: Path) -> None:
-    env = {**os.environ, "EUROUTE_ENV": "production", "EUROUTE_LEDGER_KEY": "",
+@pytest.mark.parametrize("missing", ["EUROUTE_LEDGER_KEY", "EUROUTE_PSEUDONYM_KEY"])
+def test_production_refuses_to_serve_without_its_keys(tmp_path: Path, missing: str) -> None:
+    env = {**os.environ, "EUROUTE_ENV": "production", "EUROUTE_LEDGER_KEY": "a-ledger-key",
+           "EUROUTE_PSEUDONYM_KEY": "a-pseudonym-key", missing: "",
            "EUROUTE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"}
     done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", "0"], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "EUROUTE_LEDGER_KEY is not set" in done.stderr
+    assert done.returncode == 2 and f"{missing} is not set" in done.stderr
 
 
 # -- recovery takes over only what dead writers left -------------------------------------------
