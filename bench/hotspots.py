@@ -34,7 +34,7 @@ AREAS = [  # first match wins, tested against each frame of a stack, innermost f
      re.compile(r"proxy/ledger/|sqlalchemy|aiosqlite|sqlite3|greenlet")),
     ("upstream client (aiohttp, httpx-aiohttp, httpx, httpcore)",
      re.compile(r"/aiohttp/|/httpx_aiohttp/|/httpx/|/httpcore/|/anyio/|/yarl/|/multidict/")),
-    ("euroute request path", re.compile(r"proxy/(endpoints|dialect|keys|limits|policy|"
+    ("euroute request path", re.compile(r"proxy/(gateway|surfaces|dialects?|keys|limits|policy|"
                                         r"upstream|relay|sse|asgi|errors)")),
     ("uvicorn + starlette", re.compile(r"/uvicorn/|/starlette/")),
     ("asyncio / uvloop", re.compile(r"asyncio|uvloop")),

@@ -352,7 +352,7 @@ async def _two_writers(url: str) -> tuple[int, list[Any]]:
         taken_while_alive = other.recovered
         for task in alive._tasks.values():  # the process dies: no flush, no heartbeat
             task.cancel()
-        await alive._intent_log.close()  # its connection goes with the process
+        await alive.store.close()  # its connection goes with the process
         while other.recovered == 0:
             await asyncio.sleep(0.05)
         await other.close()
