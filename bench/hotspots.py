@@ -34,7 +34,7 @@ AREAS = [  # first match wins, tested against each frame of a stack, innermost f
      re.compile(r"proxy/ledger/|sqlalchemy|aiosqlite|sqlite3|greenlet")),
     ("upstream client (aiohttp, httpx-aiohttp, httpx, httpcore)",
      re.compile(r"/aiohttp/|/httpx_aiohttp/|/httpx/|/httpcore/|/anyio/|/yarl/|/multidict/")),
-    ("euroute request path", re.compile(r"proxy/(endpoints|dialect|keys|limits|policy|"
+    ("euroute request path", re.compile(r"proxy/(gateway|surfaces|dialects?|keys|limits|policy|"
                                         r"upstream|relay|sse|asgi|errors)")),
     ("uvicorn + starlette", re.compile(r"/uvicorn/|/starlette/")),
     ("asyncio / uvloop", re.compile(r"asyncio|uvloop")),
@@ -96,7 +96,7 @@ def _summary(lines: list[str], top: int) -> str:
 
 
 def profile(mode: str, transport: str, requests: int, rate: int, top: int, conns: int,
-            name: str) -> str:
+            name: str, gil: bool) -> str:
     spy = shutil.which("py-spy")
     if spy is None:
         raise bench.BenchError("py-spy is not installed: pip install py-spy")
@@ -130,7 +130,7 @@ def profile(mode: str, transport: str, requests: int, rate: int, top: int, conns
         bench.RESULTS.mkdir(parents=True, exist_ok=True)
         # py-spy runs on the load generator's CPU, so it does not steal the proxy's core.
         argv = [spy, "record", "--pid", str(proxy.pid), "--rate", str(rate), "--format", "raw",
-                "--output", str(raw), "--nonblocking"]
+                "--output", str(raw), "--nonblocking", *(["--gil"] if gil else [])]
         if cfg.layout.others is not None:
             argv = ["taskset", "-c", cfg.layout.others, *argv]
         recorder = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -141,7 +141,8 @@ def profile(mode: str, transport: str, requests: int, rate: int, top: int, conns
         if not raw.exists():
             raise bench.BenchError(f"py-spy wrote nothing: {err.decode(errors='replace')}")
         head = (f"# profile: {mode}, transport {transport}, {w.requests} requests at "
-                f"concurrency {conns}, {w.rps:.0f} req/s under py-spy ({rate} Hz, non-blocking)\n"
+                f"concurrency {conns}, {w.rps:.0f} req/s under py-spy ({rate} Hz, non-blocking"
+                f"{', GIL holder only' if gil else ''})\n"
                 f"# raw stacks: {raw.relative_to(bench.REPO)}\n")
         return head + summarise(raw, top)
     finally:
@@ -159,6 +160,9 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--connections", type=int, default=32, help="wrk concurrency")
+    parser.add_argument("--gil", action="store_true",
+                        help="sample only the thread holding the GIL: where Python time goes, "
+                        "without threads waiting for the GIL (SQLite's C work is not counted)")
     parser.add_argument("--summarise", type=Path, default=None,
                         help="only summarise an existing raw py-spy file")
     args = parser.parse_args()
@@ -170,9 +174,10 @@ def main() -> int:
     for mode in args.mode.split(","):
         for transport in args.transport.split(","):
             name = f"profile-{mode}-{transport}" + (
-                f"-c{args.connections}" if args.connections != 32 else "")
+                f"-c{args.connections}" if args.connections != 32 else "") + (
+                "-gil" if args.gil else "")
             report = profile(mode, transport, args.requests, args.rate, args.top,
-                             args.connections, name)
+                             args.connections, name, args.gil)
             print(report + "\n")
             (bench.RESULTS / f"{name}.md").write_text(report + "\n")
     return 0

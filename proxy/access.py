@@ -45,7 +45,7 @@ def allow(*roles: Role) -> Callable[[Handler], Endpoint]:
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             try:
-                key = authenticate(request.app.state.gateway.keys, request.scope["headers"])
+                key = authenticate(request.app.state.gateway.keys, request.scope)
                 if key.role not in roles:
                     raise Forbidden(f"a key with role {key.role!r} may not use "
                                     f"{request.method} {request.url.path}")

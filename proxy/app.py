@@ -21,7 +21,7 @@ from proxy.errors import EurouteError, NotFound
 from proxy.gateway import SURFACES, Gateway, missing_credentials
 from proxy.keys import KeyCache
 from proxy.ledger.anchors import AnchorSink
-from proxy.ledger.chain import DEV_KEY
+from proxy.ledger.chain import DEV_KEY, DEV_PSEUDONYM_SECRET
 from proxy.ledger.db import make_engine, migrate
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets
@@ -93,12 +93,13 @@ def _report_start(settings: Settings, policies: LivePolicies, writer_id: str) ->
         "policy_version": current.version[:12], "routes": ",".join(routes) or "none",
         "writer": writer_id}})
     for missing in missing_credentials(current):
-        log.error("an enabled route has no credential: /readyz answers 503 until it is set",
+        log.error("an enabled route has no credential: it is not tried and /readyz answers 503 "
+                  "until it is set",
                   extra={"fields": missing})
-    if settings.pseudonym_key is None:
-        log.warning("EUROUTE_PSEUDONYM_KEY is not set: end-user pseudonyms use a random key per "
-                    "process, so they differ across restarts and `euroute erase` cannot find a "
-                    "subject")
+    if settings.pseudonym_secret() == DEV_PSEUDONYM_SECRET:
+        log.warning("EUROUTE_PSEUDONYM_KEY is not set: end-user pseudonyms use the public "
+                    "development key, so anyone who reads the ledger can test a guessed end-user "
+                    "id against them; set a key of your own before real users arrive")
 
 
 def create_app(settings: Settings | None = None) -> Euroute:

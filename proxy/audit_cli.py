@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy import keys, records, report
 from proxy.ledger import anchors, providers, queries, retention
+from proxy.ledger.chain import DEV_PSEUDONYM_SECRET
 from proxy.ledger.db import alembic_config, make_engine
 from proxy.ledger.queries import Window
 from proxy.ledger.record import OUTCOMES
@@ -291,13 +292,17 @@ async def purge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def erase(args: argparse.Namespace, settings: Settings) -> int:
-    if settings.pseudonym_key is None:
-        err("EUROUTE_PSEUDONYM_KEY is not set: without the key the proxy made the pseudonyms "
-             "with, the subject's rows cannot be found")
+    try:
+        key = settings.pseudonym_secret()
+    except ValueError as exc:
+        err(str(exc))
         return 2
+    if key == DEV_PSEUDONYM_SECRET:
+        err("EUROUTE_PSEUDONYM_KEY is not set: looking for the pseudonym the proxy makes in "
+            "development, with the public development key")
     async with engine_from(settings) as engine:
         touched, behind = await retention.erase(
-            engine, settings.pseudonym_key.get_secret_value().encode(), args.subject,
+            engine, key, args.subject,
             grace_s=settings.ledger_grace_s, timeout_s=args.timeout)
     if not touched and not behind:
         # Success here would tell a data subject their data is gone when nothing was found.

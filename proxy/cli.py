@@ -45,6 +45,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         settings.keyring()
+        settings.pseudonym_secret()
     except ValueError as exc:
         err(str(exc))
         return 2

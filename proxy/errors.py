@@ -15,7 +15,8 @@
     ├── UpstreamUnavailable     502 upstream_error
     ├── UpstreamTimeout         504 upstream_timeout
     └── Unavailable             503 service_unavailable (the ledger cannot be written)
-        └── StoreUnavailable    503 (a budget or rate-limit store cannot be read)
+        ├── StoreUnavailable    503 (a budget or rate-limit store cannot be read)
+        └── CredentialsMissing  503 route_credentials_missing (no compliant route has its key)
 
 Lower-layer errors (httpx, the database) are translated once, where they happen.
 """
@@ -160,3 +161,7 @@ class Unavailable(EurouteError):
 
 class StoreUnavailable(Unavailable):
     pass
+
+
+class CredentialsMissing(Unavailable):
+    code = "route_credentials_missing"

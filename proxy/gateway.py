@@ -27,6 +27,7 @@ from proxy import dialect, dialects, metrics, surfaces
 from proxy.asgi import DisconnectWatch, Receive, Scope, Send, read_body, send_error, send_json
 from proxy.errors import (
     BadRequest,
+    CredentialsMissing,
     EurouteError,
     Forbidden,
     ModelNotFound,
@@ -46,7 +47,7 @@ from proxy.ledger.record import OUTCOMES as RECORD_OUTCOMES
 from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
-from proxy.logs import log_request
+from proxy.logs import log_request, log_unauthorized
 from proxy.policy.decide import Check, parse_narrowing, request_checks
 from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
@@ -65,6 +66,7 @@ OUTCOMES = {
     BadRequest: "invalid_request", PayloadTooLarge: "invalid_request",
     ModelNotFound: "model_not_found", PolicyViolation: "denied", Forbidden: "forbidden",
     Unavailable: "ledger_unavailable", StoreUnavailable: "unavailable",
+    CredentialsMissing: "unavailable",
     UpstreamTimeout: "upstream_timeout",
 }
 
@@ -113,24 +115,36 @@ def single_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes 
     return values[0] if values else None
 
 
-def authenticate(keys: KeyCache, headers: Sequence[tuple[bytes, bytes]]) -> Key:
+def authenticate(keys: KeyCache, scope: Scope) -> Key:
+    """The key a request presents, or Unauthorized (401), counted and logged by `refused`."""
+    headers = scope["headers"]
     try:
         auth = single_header(headers, b"authorization")
         # Anthropic's SDK sends its key in x-api-key.
         api_key = single_header(headers, b"x-api-key") if auth is None else None
     except BadRequest as exc:
+        refused(scope, "malformed")
         raise Unauthorized(exc.message) from None
     if api_key:
         secret = api_key.strip()
     elif auth and auth.lower().startswith(b"bearer "):
         secret = auth[7:].strip()
     else:
+        refused(scope, "missing")
         raise Unauthorized("missing API key: send 'Authorization: Bearer <euroute key>' "
                            "(or 'x-api-key: <euroute key>')")
     key = keys.get(secret.decode("latin-1"))
     if key is None:
+        refused(scope, "invalid")
         raise Unauthorized("invalid or revoked API key")
     return key
+
+
+def refused(scope: Scope, reason: metrics.Refusal) -> None:
+    """A request refused for want of a valid key: counted and logged, never any part of the
+    key. No ledger row: a client without a key must not be able to grow the ledger."""
+    metrics.UNAUTHORIZED.labels(reason).inc()
+    log_unauthorized(scope, reason)
 
 
 @dataclass(slots=True)
@@ -164,8 +178,7 @@ class Gateway:
         self.sampler = metrics.Sampler(self)
         self._scrub: tuple[PolicySet | None, Scrubber] = (None, Scrubber(()))
         self.admitted_unrecorded = 0
-        self.pseudonym_key = (settings.pseudonym_key.get_secret_value().encode()
-                              if settings.pseudonym_key else os.urandom(32))
+        self.pseudonym_key = settings.pseudonym_secret()
         # One handler per inbound API, named for its endpoint (proxy/app.py routes its PATH).
         for endpoint in SURFACES:
             setattr(self, endpoint, functools.partial(self._call, endpoint=endpoint))
@@ -188,7 +201,7 @@ class Gateway:
             await send_json(send, exc.status, render(exc), [*reply_headers, *exc.headers()])
 
         try:
-            key = authenticate(self.keys, raw_headers)
+            key = authenticate(self.keys, scope)
         except Unauthorized as exc:
             await send_error(exc)
             return
@@ -235,6 +248,8 @@ class Gateway:
                         end_user_commitment=commitment(salt, pseud))
             routes = self._decide(policies, request, endpoint, policy, model, raw_headers,
                                   decision, row)
+            if policies.uncredentialed:
+                routes = _credentialed(routes, policies.uncredentialed, decision)
             if not self.writer.healthy:
                 if policy.audit.on_write_failure == "reject":
                     raise Unavailable("the audit ledger cannot be written; this policy refuses "
@@ -420,7 +435,7 @@ class Gateway:
 
     async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            key = authenticate(self.keys, scope["headers"])
+            key = authenticate(self.keys, scope)
             if key.role != "app":
                 raise Forbidden(f"a key with role {key.role!r} may not list the models; only "
                                 "app keys may")
@@ -470,11 +485,29 @@ def _rendered(surface: surfaces.Exchange, answer: Any, route: Route) -> bytes:
     return surface.answer(dialects.of(route).answer(answer.json or {}))
 
 
+def _credentialed(routes: list[Route], missing: dict[str, str], decision: dict[str, Any]
+                  ) -> list[Route]:
+    """The routes whose provider credential is set. One without it is never tried (it would
+    reach its provider unauthenticated); the decision names it, and when no route is left the
+    request is refused with the route and the variable (never a secret: the variable is unset)."""
+    left_out = [(r.id, missing[r.id]) for r in routes if r.id in missing]
+    if not left_out:
+        return routes
+    usable = [r for r in routes if r.id not in missing]
+    decision["reasons"] += [{"route": route, "requirement": "credentials",
+                             "message": f"{variable} is not set"} for route, variable in left_out]
+    decision["candidates"] = [r.id for r in usable]
+    if not usable:
+        raise CredentialsMissing("no route for this request can be called: " + "; ".join(
+            f"route {route} has no credential ({variable} is not set on this replica)"
+            for route, variable in left_out))
+    return usable
+
+
 def missing_credentials(policies: PolicySet) -> list[dict[str, str]]:
-    """Enabled routes whose API key variable is unset: requests would reach them with no
-    credentials, so the replica is not ready."""
-    return [{"route": r.id, "variable": r.api_key_env} for r in policies.catalog.routes
-            if r.api_key_env and r.id in policies.base_urls and not policies.api_keys.get(r.id)]
+    """Enabled routes whose API key variable is unset: they are never tried, so the replica is
+    not ready."""
+    return [{"route": r, "variable": v} for r, v in policies.uncredentialed.items()]
 
 
 def _end_user(header: bytes | None, field: Any) -> str:

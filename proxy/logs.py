@@ -1,13 +1,15 @@
 """euroute's log: one line per event on stderr, readable text or one JSON object per line
 (`EUROUTE_LOG_FORMAT`). uvicorn's own lines take the same form; its access log is off, because
 the gateway writes one line per finished request instead (`log_request`), with what the ledger
-knows about it. No line carries a prompt, a completion or a key.
+knows about it, and one per request refused for want of a valid key (`log_unauthorized`). No
+line carries a prompt, a completion or a key.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -131,3 +133,13 @@ def log_request(record: RequestRecord, failure: EurouteError | None = None) -> N
         else:  # euroute's own words: unreachable, timed out, credentials refused (HTTP 401)
             fields["error"] = failure.message
     _requests.log(level, "request", extra={"fields": fields})
+
+
+def log_unauthorized(scope: Mapping[str, Any], reason: str) -> None:
+    """The one line for a request refused with 401: why, from which address (the TCP peer: a
+    load balancer's when there is one) and to what. Nothing of the key it presented, not even
+    its prefix. The path is cut short: an unauthenticated client must not make long lines."""
+    client = scope.get("client")
+    _requests.warning("unauthorized", extra={"fields": {
+        "reason": reason, "client": client[0] if client else None,
+        "method": scope.get("method"), "path": str(scope.get("path", ""))[:200]}})

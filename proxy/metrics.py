@@ -11,7 +11,8 @@ workers start (the mode is chosen when prometheus-client is first imported) and 
 when they have stopped; a scrape sums every worker's files.
 
 Label values come from bounded sets only: endpoints, routes (the catalog), outcomes, HTTP
-status numbers, apps (the key table), currencies and requirement names.
+status numbers, apps (the key table), currencies, requirement names and the reasons a key is
+refused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -57,6 +58,13 @@ COST = Counter("euroute_cost", "Cost of the requests, by app, route and currency
                "holds the exact amounts)", ["app", "route", "currency"])
 DENIALS = Counter("euroute_denials", "Policy requirements that refused a request (a denial "
                   "counts once for each requirement no route met)", ["requirement"])
+# Why a request was refused with 401: no key, two different key headers, a key that is unknown
+# or revoked (the cache holds live keys only, so the two look alike).
+Refusal = Literal["missing", "malformed", "invalid"]
+UNAUTHORIZED = Counter("euroute_unauthorized", "Requests refused for want of a valid key (401), "
+                       "by reason", ["reason"])
+for _reason in get_args(Refusal):
+    UNAUTHORIZED.labels(_reason)  # each series exists from the start, at 0: rates need it
 RATE_STORE_OUTAGES = Counter("euroute_rate_limit_store_outages", "Admissions decided without "
                              "the shared rate limits (Redis unreachable), by what the policy "
                              "decided", ["decision"])

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from proxy.ledger.chain import DEV_SECRET, Keyring
+from proxy.ledger.chain import DEV_PSEUDONYM_SECRET, DEV_SECRET, Keyring
 
 _PACKAGE = Path(__file__).resolve().parent
 # The drivers euroute ships with: an async engine needs an async driver.
@@ -44,7 +44,8 @@ class Settings(BaseSettings):
     policy_dir: Path | None = None
     migrate_on_start: bool = True
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0)
-    # HMAC key for end-user pseudonyms; never stored in the database.
+    # HMAC key for end-user pseudonyms; never stored in the database. Unset in development: the
+    # public development key, which hides nothing.
     pseudonym_key: SecretStr | None = None
     # "aiohttp": httpx-aiohttp (aiohttp under httpx's interface); "httpx": httpx's own transport.
     upstream_transport: Literal["aiohttp", "httpx"] = "aiohttp"
@@ -71,7 +72,7 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     # One line per request and per event: readable text, or one JSON object per line.
     log_format: Literal["text", "json"] = "text"
-    # production: `serve` refuses to start without EUROUTE_LEDGER_KEY.
+    # production: `serve` refuses to start without EUROUTE_LEDGER_KEY and EUROUTE_PSEUDONYM_KEY.
     env: Literal["development", "production"] = "development"
     # HMAC key of the ledger's hash chains, kept outside the database (README, Ledger).
     # Unset in development: the public development key, which protects nothing.
@@ -137,6 +138,17 @@ class Settings(BaseSettings):
             current = self.ledger_key.get_secret_value()
         old = self.ledger_keys_old.get_secret_value() if self.ledger_keys_old else ""
         return Keyring.of(current, old)
+
+    def pseudonym_secret(self) -> bytes:
+        """The end-user pseudonym key; in production a real key is required."""
+        if self.pseudonym_key is None or not self.pseudonym_key.get_secret_value():
+            if self.env == "production":
+                raise ValueError("EUROUTE_PSEUDONYM_KEY is not set: in production euroute "
+                                 "refuses to make or look up end-user pseudonyms with the public "
+                                 "development key, which anyone could recompute (README, "
+                                 "Retention and erasure)")
+            return DEV_PSEUDONYM_SECRET
+        return self.pseudonym_key.get_secret_value().encode()
 
     def resolved_policy_dir(self) -> Path:
         if self.policy_dir is not None:

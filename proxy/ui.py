@@ -26,6 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from proxy import records, report
+from proxy.gateway import refused
 from proxy.keys import Key, digest
 from proxy.ledger import providers, queries
 from proxy.ledger.queries import Window
@@ -81,6 +82,7 @@ async def sign_in(request: Request) -> Response:
     secret = urllib.parse.parse_qs(body.decode("latin-1")).get("key", [""])[0].strip()
     key = request.app.state.gateway.keys.get(secret) if secret else None
     if key is None:
+        refused(request.scope, "invalid" if secret else "missing")
         return _html(login("Unknown or revoked key."), 401)
     if key.role != "auditor":
         return _html(login(f"A key with role '{key.role}' cannot open the dashboard: it is for "

@@ -191,9 +191,10 @@ async def ledger_rows(url: str, *where: Any) -> list[dict[str, Any]]:
 
 
 def proxy_settings(db_url: str, policy_dir: Path, **overrides: Any) -> Settings:
-    return Settings(database_url=db_url, policy_dir=policy_dir, pseudonym_key=PSEUDONYM_KEY,
-                    key_refresh_s=0.1, policy_poll_s=0.1, budget_cache_s=0.0,
-                    migrate_on_start=True, **overrides)
+    return Settings(**{"database_url": db_url, "policy_dir": policy_dir,
+                       "pseudonym_key": PSEUDONYM_KEY, "key_refresh_s": 0.1,
+                       "policy_poll_s": 0.1, "budget_cache_s": 0.0, "migrate_on_start": True,
+                       **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -274,43 +274,99 @@ def test_erasure_reaches_rows_still_buffered_under_load(
 
 # -- backups ----------------------------------------------------------------------------------
 
+def _serving(url: str, tmp_path: Path, scenario: Any) -> Path:
+    """Runs `scenario(send)` beside a proxy on `url`; `send(n)` makes n answered requests and
+    returns once their rows are written and anchored. Returns the anchor directory."""
+    anchors = tmp_path / "anchors"
+    settings = proxy_settings(url, copy_policies(tmp_path / "policies"),
+                              ledger_key=LEDGER_KEY, anchor_dir=anchors, anchor_interval_s=0.1,
+                              ledger_heartbeat_s=0.05)
+    with Proxy(settings) as server:
+        key = server.key("backed-up")
+
+        def send(n: int) -> None:
+            for _ in range(n):
+                server.row(httpx.post(f"{server.url}/chat/completions", timeout=30,
+                                      headers={"authorization": f"Bearer {key}"},
+                                      json={"model": "magistral-small-2509",
+                                            "messages": [{"role": "user", "content": "hi"}]}
+                                      ).headers["x-request-id"])
+            writer = server.gateway.writer
+            seq = writer.seq
+            _until(lambda: _anchored(anchors, writer.writer_id) >= seq, 10, "no anchor")
+
+        scenario(send)
+    return anchors
+
+
+def _verify_against(url: str, anchors: Path, monkeypatch: pytest.MonkeyPatch,
+                    capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    capsys.readouterr()
+    monkeypatch.setenv("EUROUTE_DATABASE_URL", url)
+    code = main(["audit", "verify", "--anchors", str(anchors)])
+    return code, capsys.readouterr().out
+
+
 def test_sqlite_backup_includes_the_wal_and_verifies_against_the_anchors(
         tmp_path: Path, upstream: FakeMistral, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     url, _ = new_database("sqlite", tmp_path)
     run(_migrate(url))
-    anchors = tmp_path / "anchors"
-    settings = proxy_settings(url, copy_policies(tmp_path / "policies"),
-                              ledger_key=LEDGER_KEY, anchor_dir=anchors, anchor_interval_s=0.1,
-                              ledger_heartbeat_s=0.05)
     monkeypatch.setenv("EUROUTE_LEDGER_KEY", LEDGER_KEY)
     source = Path(url.split("///", 1)[1])
-    with Proxy(settings) as server:
-        key = server.key("backed-up")
-        ids = [httpx.post(f"{server.url}/chat/completions", timeout=30,
-                          headers={"authorization": f"Bearer {key}"},
-                          json={"model": "magistral-small-2509",
-                                "messages": [{"role": "user", "content": "hi"}]}
-                          ).headers["x-request-id"] for _ in range(5)]
-        for request_id in ids:
-            server.row(request_id)
-        writer = server.gateway.writer
-        seq = writer.seq
-        _until(lambda: _anchored(anchors, writer.writer_id) >= seq, 10, "no anchor")
+
+    def back_up(send: Any) -> None:
+        send(5)
         assert Path(f"{source}-wal").stat().st_size > 0
         shutil.copyfile(source, tmp_path / "naive.db")  # the file alone, without its WAL
         monkeypatch.setenv("EUROUTE_DATABASE_URL", url)
         assert main(["backup", str(tmp_path / "backup.db")]) == 0
         assert main(["backup", str(tmp_path / "backup.db")]) == 2  # never overwrites
-    capsys.readouterr()
-    monkeypatch.setenv("EUROUTE_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'backup.db'}")
-    code = main(["audit", "verify", "--anchors", str(anchors)])
-    out = capsys.readouterr().out
+
+    anchors = _serving(url, tmp_path, back_up)
+    code, out = _verify_against(f"sqlite+aiosqlite:///{tmp_path / 'backup.db'}", anchors,
+                                monkeypatch, capsys)
     assert code == 0 and out.startswith("OK: 5 rows in 1 chains verified against"), out
-    monkeypatch.setenv("EUROUTE_DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'naive.db'}")
-    code = main(["audit", "verify", "--anchors", str(anchors)])
-    out = capsys.readouterr().out
+    code, out = _verify_against(f"sqlite+aiosqlite:///{tmp_path / 'naive.db'}", anchors,
+                                monkeypatch, capsys)
     assert code == 1 and "FAILED" in out, out
+
+
+@pytest.mark.skipif(shutil.which("pg_dump") is None, reason="needs PostgreSQL's client tools")
+def test_postgresql_dump_and_restore_as_the_readme_says_verifies_against_the_anchors(
+        tmp_path: Path, upstream: FakeMistral, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    url, drop = new_database("postgresql", tmp_path)
+    try:
+        run(_migrate(url))
+        monkeypatch.setenv("EUROUTE_LEDGER_KEY", LEDGER_KEY)
+        dumps = tmp_path / "stale.dump", tmp_path / "euroute.dump"
+
+        def back_up(send: Any) -> None:  # pg_dump takes a consistent snapshot while euroute writes
+            for n, dump in zip((4, 2), dumps, strict=True):
+                send(n)
+                subprocess.run(["pg_dump", "--format=custom", f"--file={dump}", _libpq(url)],
+                               check=True, timeout=60)
+
+        anchors = _serving(url, tmp_path, back_up)
+        for dump, complete in ((dumps[1], True), (dumps[0], False)):
+            restored, drop_restored = new_database("postgresql", tmp_path)
+            try:
+                subprocess.run(["pg_restore", "--dbname", _libpq(restored), str(dump)],
+                               check=True, timeout=60)
+                code, out = _verify_against(restored, anchors, monkeypatch, capsys)
+            finally:
+                drop_restored()
+            if complete:
+                assert code == 0 and out.startswith("OK: 6 rows in 1 chains verified"), out
+            else:  # taken before the newest anchor: named for what it lost
+                assert code == 1 and "rewound" in out, out
+    finally:
+        drop()
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
 
 
 def _anchored(directory: Path, writer_id: str) -> int:
@@ -328,12 +384,14 @@ def test_backup_of_postgresql_points_to_pg_dump(monkeypatch: pytest.MonkeyPatch,
     assert "pg_dump" in capsys.readouterr().err
 
 
-def test_production_refuses_to_serve_without_a_ledger_key(tmp_path: Path) -> None:
-    env = {**os.environ, "EUROUTE_ENV": "production", "EUROUTE_LEDGER_KEY": "",
+@pytest.mark.parametrize("missing", ["EUROUTE_LEDGER_KEY", "EUROUTE_PSEUDONYM_KEY"])
+def test_production_refuses_to_serve_without_its_keys(tmp_path: Path, missing: str) -> None:
+    env = {**os.environ, "EUROUTE_ENV": "production", "EUROUTE_LEDGER_KEY": "a-ledger-key",
+           "EUROUTE_PSEUDONYM_KEY": "a-pseudonym-key", missing: "",
            "EUROUTE_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'p.db'}"}
     done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--port", "0"], env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "EUROUTE_LEDGER_KEY is not set" in done.stderr
+    assert done.returncode == 2 and f"{missing} is not set" in done.stderr
 
 
 # -- recovery takes over only what dead writers left -------------------------------------------
@@ -352,7 +410,7 @@ async def _two_writers(url: str) -> tuple[int, list[Any]]:
         taken_while_alive = other.recovered
         for task in alive._tasks.values():  # the process dies: no flush, no heartbeat
             task.cancel()
-        await alive._intent_log.close()  # its connection goes with the process
+        await alive.store.close()  # its connection goes with the process
         while other.recovered == 0:
             await asyncio.sleep(0.05)
         await other.close()

@@ -20,6 +20,7 @@ from proxy.cli import main
 from proxy.ledger import queries
 from proxy.ledger.chain import HASHED, canonical, record_hash, row_hash
 from proxy.ledger.db import make_engine
+from proxy.ledger.store import Store
 from proxy.ledger.tables import ledger
 from proxy.ledger.writer import Writer
 from proxy.limits import period_end, period_start
@@ -175,9 +176,10 @@ def test_outage_buffers_then_fails_closed_or_admits_and_recovers(own: Proxy,
     strict_on_failure = own.key("outage-reject", "budgeted")
     lenient = own.key("outage-admit", "lenient")
     writer = own.gateway.writer
-    healthy_engine = writer.engine
+    healthy_engine, healthy_store = writer.engine, writer.store
     # A database that refuses connections: a real failure, not a mock.
     writer.engine = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+    writer.store = Store(writer.engine)
     try:
         answered = [chat(own, lenient) for _ in range(3)]
         assert all(r.status_code == 200 for r in answered)
@@ -192,7 +194,7 @@ def test_outage_buffers_then_fails_closed_or_admits_and_recovers(own: Proxy,
         assert writer.failures >= 1 and writer.pending >= 4
     finally:
         run_dispose = writer.engine
-        writer.engine = healthy_engine
+        writer.engine, writer.store = healthy_engine, healthy_store
     asyncio.run(run_dispose.dispose())
     # Recovery is automatic: every answered request, and the refusal, reach the ledger.
     for r in [*answered, refused, admitted]:

@@ -14,9 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
-from tests.conftest import PSEUDONYM_KEY, copy_policies
+from proxy.ledger.tables import ledger
+from tests.conftest import PSEUDONYM_KEY, copy_policies, ledger_rows, run
 from tests.fake_mistral import UPSTREAM_KEY, FakeMistral
 from tests.test_cli_errors import EUROUTE
 from tests.test_serve import free_port
@@ -197,3 +199,63 @@ def test_dotenv_supplies_provider_settings(serve: Any, fake: FakeMistral, tmp_pa
     assert values["MISTRAL_API_KEY"] == values["EUROUTE_PSEUDONYM_KEY"] == "(set, hidden)"
     assert values["SELFHOSTED_API_KEY"] is None
     assert UPSTREAM_KEY not in shown.stdout and PSEUDONYM_KEY not in shown.stdout
+
+
+def test_refused_keys_are_logged_and_counted_but_never_shown(serve: Any, fake: FakeMistral,
+                                                             db_url: str) -> None:
+    served = serve(MISTRAL_BASE_URL=fake.url, MISTRAL_API_KEY=UPSTREAM_KEY,
+                   EUROUTE_PSEUDONYM_KEY=PSEUDONYM_KEY)
+    app = f"stuffed-{secrets.token_hex(3)}"
+    revoked, good = served.key(app), served.key(app)
+    listed = subprocess.run([EUROUTE, "keys", "list", "--format", "json"], cwd=served.cwd,
+                            env=served.env, capture_output=True, text=True, check=True)
+    key_id = next(k["id"] for k in json.loads(listed.stdout)
+                  if k["app"] == app and revoked.startswith(k["prefix"]))
+    subprocess.run([EUROUTE, "keys", "revoke", key_id], cwd=served.cwd, env=served.env,
+                   capture_output=True, check=True)
+    unknown = "eur_" + secrets.token_urlsafe(32)
+    time.sleep(0.5)  # the key cache refreshes every 0.1 s
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        refused = [
+            http.post("/v1/chat/completions", json=body),
+            http.post("/v1/chat/completions", json=body,
+                      headers={"authorization": f"Bearer {unknown}"}),
+            http.post("/v1/messages", json={**body, "max_tokens": 10},
+                      headers={"x-api-key": revoked}),
+            http.get("/v1/audit/verify", headers={"authorization": f"Bearer {revoked}"}),
+            http.post("/v1/chat/completions", json=body, headers=[
+                ("authorization", f"Bearer {good}"), ("authorization", f"Bearer {unknown}")]),
+            http.post("/ui/login", data={"key": unknown}),
+        ]
+        assert [r.status_code for r in refused] == [401] * 6
+        ok = http.post("/v1/chat/completions", json=body,
+                       headers={"authorization": f"Bearer {good}"})
+        assert ok.status_code == 200
+        scraped = http.get("/metrics").text
+    served.wait_for(ok.headers["x-request-id"])
+    lines = [ln for ln in served.lines() if " unauthorized " in ln]
+    assert [ln.split(" unauthorized ")[1] for ln in lines] == [
+        f"reason={reason} client=127.0.0.1 method={method} path={path}" for reason, method, path in [
+            ("missing", "POST", "/v1/chat/completions"),
+            ("invalid", "POST", "/v1/chat/completions"),
+            ("invalid", "POST", "/v1/messages"),
+            ("invalid", "GET", "/v1/audit/verify"),
+            ("malformed", "POST", "/v1/chat/completions"),
+            ("invalid", "POST", "/ui/login")]]
+    assert all(ln.split()[1] == "warning" for ln in lines)
+    counted = {s.labels["reason"]: s.value
+               for family in text_string_to_metric_families(scraped)
+               if family.name == "euroute_unauthorized" for s in family.samples
+               if s.name == "euroute_unauthorized_total"}
+    assert counted == {"missing": 1, "invalid": 4, "malformed": 1}
+    text = served.log.read_text()
+    for presented in (revoked, unknown, good):
+        assert presented not in text and presented[:10] not in text and presented[4:12] not in text
+    # An unauthenticated client cannot grow the ledger: only the good request has a row.
+    deadline = time.monotonic() + 10
+    while not run(ledger_rows(db_url, ledger.c.request_id == ok.headers["x-request-id"])):
+        assert time.monotonic() < deadline, "the good request was never recorded"
+        time.sleep(0.05)
+    ids = [r.headers["x-request-id"] for r in refused if "x-request-id" in r.headers]
+    assert len(ids) == 4 and not run(ledger_rows(db_url, ledger.c.request_id.in_(ids)))

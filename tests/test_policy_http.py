@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.cli import main
 from tests.conftest import Proxy, copy_policies, proxy_settings
-from tests.fake_mistral import FakeMistral
+from tests.fake_mistral import UPSTREAM_KEY, FakeMistral
+from tests.fake_openai import FakeOpenAI
 
 MODEL = "magistral-small-2509"
 HELLO = [{"role": "user", "content": "hi"}]
@@ -161,6 +163,54 @@ def test_fall_over_to_the_next_compliant_route_before_any_byte(two_routes: Proxy
     fake.fail_next(400)  # the caller's fault: no other route would do better
     assert chat(two_routes, key).status_code == 400
     assert len(fake.received) == 4
+
+
+@pytest.fixture
+def keyless_selfhosted(db_url: str, upstream: FakeMistral, tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Proxy, FakeOpenAI]]:
+    """The self-hosted route enabled but SELFHOSTED_API_KEY unset, in front of a server that
+    answers anyone: only euroute can keep requests away from it."""
+    with FakeOpenAI(api_key=None) as selfhosted:
+        monkeypatch.setenv("SELFHOSTED_BASE_URL", selfhosted.url)
+        monkeypatch.delenv("SELFHOSTED_API_KEY", raising=False)
+        with Proxy(proxy_settings(db_url, copy_policies(tmp_path / "policies"))) as server:
+            yield server, selfhosted
+
+
+LEFT_OUT = {"route": "selfhosted-eu-magistral-small", "requirement": "credentials",
+            "message": "SELFHOSTED_API_KEY is not set"}
+
+
+def test_a_route_without_its_credential_is_never_tried(
+        keyless_selfhosted: tuple[Proxy, FakeOpenAI], fake: FakeMistral) -> None:
+    proxy, selfhosted = keyless_selfhosted
+    r = chat(proxy, proxy.key("fallover", "eu-standard"))  # prefers self-hosted: cheapest
+    assert r.status_code == 200 and r.headers["x-euroute-route"] == "mistral-eu-magistral-small"
+    assert selfhosted.received == []
+    assert [x.headers["authorization"] for x in fake.received] == [f"Bearer {UPSTREAM_KEY}"]
+    decision = json.loads(proxy.row(r.headers["x-request-id"])["decision"])
+    assert LEFT_OUT in decision["reasons"]
+    assert decision["candidates"] == ["mistral-eu-magistral-small"]
+    assert decision["tried"] == [{"route": "mistral-eu-magistral-small", "outcome": "ok"}]
+
+
+def test_no_route_with_its_credential_left_is_a_clear_503(
+        keyless_selfhosted: tuple[Proxy, FakeOpenAI], fake: FakeMistral) -> None:
+    proxy, selfhosted = keyless_selfhosted
+    client = openai.OpenAI(base_url=proxy.url, api_key=proxy.key("hr-assistant", "eu-strict"),
+                           max_retries=0)
+    with pytest.raises(openai.APIStatusError) as refused:  # eu-strict: self-hosted only
+        client.chat.completions.create(model=MODEL, messages=HELLO)  # type: ignore[arg-type]
+    assert refused.value.status_code == 503
+    error = refused.value.response.json()["error"]
+    assert (error["type"], error["code"]) == ("service_unavailable", "route_credentials_missing")
+    assert "selfhosted-eu-magistral-small" in error["message"]
+    assert "SELFHOSTED_API_KEY" in error["message"]
+    assert selfhosted.received == [] and fake.received == []
+    row = proxy.row(refused.value.response.headers["x-request-id"])
+    assert (row["outcome"], row["status"], row["route"]) == ("unavailable", 503, None)
+    decision = json.loads(row["decision"])
+    assert LEFT_OUT in decision["reasons"] and decision["candidates"] == []
 
 
 def test_strict_policy_admits_the_self_hosted_route(two_routes: Proxy, fake: FakeMistral) -> None:

@@ -196,8 +196,10 @@ def test_erase_removes_the_pseudonym_and_verify_still_passes(
 
     url = proxy.settings.database_url
     monkeypatch.delenv("EUROUTE_PSEUDONYM_KEY", raising=False)
+    monkeypatch.setenv("EUROUTE_ENV", "production")
     code, _, err = cli(url, "erase", "--subject", subject)
-    assert code == 2 and "EUROUTE_PSEUDONYM_KEY" in err
+    assert code == 2 and "EUROUTE_PSEUDONYM_KEY is not set" in err
+    monkeypatch.delenv("EUROUTE_ENV")
     monkeypatch.setenv("EUROUTE_PSEUDONYM_KEY", PSEUDONYM_KEY)
     code, out, _ = cli(url, "erase", "--subject", subject)
     assert code == 0 and out.strip() == "erased the subject's pseudonym from 3 rows"
@@ -215,3 +217,26 @@ def test_erase_removes_the_pseudonym_and_verify_still_passes(
     # Erased already (or never there): not reported as a success.
     code, out, err = cli(url, "erase", "--subject", subject)
     assert code == 1 and out == "" and "no ledger row carries this subject" in err
+
+
+def test_without_a_key_development_pseudonyms_agree_and_erase_finds_them(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any) -> None:
+    """Two proxies without EUROUTE_PSEUDONYM_KEY (two workers, or before and after a restart)
+    give one end user one pseudonym, and `erase` without the key finds it."""
+    monkeypatch.delenv("EUROUTE_PSEUDONYM_KEY", raising=False)
+    subject = f"dev-subject-{secrets.token_hex(4)}"
+    hello = {"model": "magistral-small-2509", "messages": [{"role": "user", "content": "hi"}]}
+    rows = []
+    with (Proxy(proxy_settings(db_url, copy_policies(tmp_path / "a"), pseudonym_key=None)) as a,
+          Proxy(proxy_settings(db_url, copy_policies(tmp_path / "b"), pseudonym_key=None)) as b):
+        for server in (a, b):
+            key = server.key(f"dev-erase-{secrets.token_hex(4)}", "eu-standard")
+            r = httpx.post(f"{server.url}/chat/completions", json=hello, timeout=30,
+                           headers={"authorization": f"Bearer {key}", "x-euroute-user": subject})
+            assert r.status_code == 200
+            rows.append(server.row(r.headers["x-request-id"]))
+    assert rows[0]["end_user"] == rows[1]["end_user"] is not None
+    code, out, err = cli(db_url, "erase", "--subject", subject)
+    assert code == 0 and out.strip() == "erased the subject's pseudonym from 2 rows"
+    assert "public development key" in err
+    assert not run(ledger_rows(db_url, ledger.c.end_user == rows[0]["end_user"]))

@@ -119,6 +119,11 @@ def commitment(salt: str, pseudonym: str) -> str:
     return hashlib.sha256(f"{salt}:{pseudonym}".encode()).hexdigest()
 
 
+# Public on purpose, like DEV_SECRET: development pseudonyms stay the same across workers and
+# restarts, so `erase` finds them; whoever reads the ledger can test a guessed id against them.
+DEV_PSEUDONYM_SECRET = b"euroute-development-pseudonym-key (public: hides nothing)"
+
+
 def pseudonym(key: bytes, subject: str) -> str:
     return hmac.new(key, subject.encode(), hashlib.sha256).hexdigest()
 

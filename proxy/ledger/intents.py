@@ -1,27 +1,22 @@
 """Intents: what the ledger knows of a request before it is forwarded, committed so that a
 crash during forwarding still leaves evidence (README, The ledger: durability).
 
-The writer commits them (group commit), deletes each with its row, and at every heartbeat
+The writer commits them (group commit, proxy/ledger/store.py), deletes each with its row, and at every heartbeat
 claims those of writers silent for longer than the grace period; `claim` turns them into
 `outcome_unknown` records.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import datetime as dt
 import logging
-import sqlite3
 import uuid
 from typing import Any
 
-import asyncpg
 import orjson
 from sqlalchemy import Date, or_, select, update
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import insert as sql_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from proxy.ledger.record import FIELDS, RequestRecord
 from proxy.ledger.tables import UTCDateTime, chains, intents, ledger
@@ -49,85 +44,6 @@ def values(row: RequestRecord, decision: dict[str, Any], writer_id: str) -> dict
     facts["decision"] = decision
     return {"request_id": row.request_id, "writer_id": writer_id,
             "created_at": row.created_at, "facts": orjson.dumps(facts).decode()}
-
-
-_COLUMNS = "(request_id, writer_id, created_at, facts)"
-
-
-def _naive(when: dt.datetime) -> dt.datetime:
-    return when.astimezone(dt.UTC).replace(tzinfo=None)
-
-
-class IntentLog:
-    """Commits groups of intents on a connection of its own, in one round trip per group.
-
-    Measured (bench/ledger.py --intents), a group through the pooled SQLAlchemy engine cost
-    about 0.5 ms of CPU: a pool checkout and one thread hop (aiosqlite) or protocol exchange
-    (asyncpg) per BEGIN, INSERT and COMMIT. Here SQLite commits in one hop to a thread that
-    owns a plain sqlite3 connection (WAL, synchronous=NORMAL: a commit survives the process
-    being killed), and PostgreSQL in one autocommitted INSERT ... SELECT FROM unnest(...).
-    Other databases go through the engine.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self._sqlite: sqlite3.Connection | None = None
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
-        self._pg: Any = None
-
-    async def commit(self, group: list[dict[str, Any]]) -> None:
-        url = self.engine.url
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-            if self._thread is None:
-                self._thread = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="euroute-intents")
-            rows = [(g["request_id"], g["writer_id"],
-                     _naive(g["created_at"]).isoformat(" ", "microseconds"), g["facts"])
-                    for g in group]
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._sqlite_commit,
-                                                             rows)
-        elif url.get_backend_name() == "postgresql" and url.get_driver_name() == "asyncpg":
-            if self._pg is None or self._pg.is_closed():
-                self._pg = await asyncpg.connect(
-                    url.set(drivername="postgresql").render_as_string(hide_password=False))
-            await self._pg.execute(
-                f"INSERT INTO ledger_intents {_COLUMNS} SELECT * FROM unnest("
-                "$1::varchar[], $2::varchar[], $3::timestamp[], $4::text[])",
-                [g["request_id"] for g in group], [g["writer_id"] for g in group],
-                [_naive(g["created_at"]) for g in group], [g["facts"] for g in group])
-        else:
-            async with self.engine.begin() as conn:
-                await conn.execute(sql_insert(intents), group)
-
-    def _sqlite_commit(self, rows: list[tuple[str, str, str, str]]) -> None:
-        if self._sqlite is None:
-            conn = sqlite3.connect(str(self.engine.url.database), isolation_level=None,
-                                   check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
-            self._sqlite = conn
-        try:
-            self._sqlite.execute("BEGIN IMMEDIATE")
-            self._sqlite.executemany(f"INSERT INTO ledger_intents {_COLUMNS} VALUES (?, ?, ?, ?)",
-                                     rows)
-            self._sqlite.execute("COMMIT")
-        except BaseException:
-            if self._sqlite.in_transaction:
-                self._sqlite.execute("ROLLBACK")
-            raise
-
-    async def close(self) -> None:
-        if self._pg is not None:
-            await self._pg.close()
-            self._pg = None
-        if self._thread is not None:
-            sqlite_conn = self._sqlite
-            if sqlite_conn is not None:
-                await asyncio.get_running_loop().run_in_executor(self._thread, sqlite_conn.close)
-                self._sqlite = None
-            self._thread.shutdown(wait=True)
-            self._thread = None
 
 
 async def delete(conn: AsyncConnection, request_ids: list[str]) -> None:

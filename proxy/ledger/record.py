@@ -27,7 +27,7 @@ OUTCOMES = frozenset({
     "tokens_rate_limit_exceeded",
     "budget_exceeded",
     "ledger_unavailable",    # the ledger could not be written and the policy refuses
-    "unavailable",           # a dependency (budget store, rate store) could not be read
+    "unavailable",           # a budget or rate store could not be read, or no route has its key
     "upstream_error",        # the upstream failed or answered with an error
     "upstream_rate_limited",  # the upstream answered 429
     "upstream_timeout",

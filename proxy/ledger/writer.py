@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import operator
+import sqlite3
 import time
 import uuid
 from collections import deque
@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from sqlalchemy import Date, bindparam, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -40,55 +40,10 @@ from proxy.ledger import intents
 from proxy.ledger.anchors import AnchorSink
 from proxy.ledger.chain import DEV_KEYRING, GENESIS, Keyring, head_mac, record_hash
 from proxy.ledger.record import FIELDS, RequestRecord
-from proxy.ledger.tables import (
-    UTCDateTime,
-    api_keys,
-    chains,
-    dead_letters,
-    erasures,
-    ledger,
-)
+from proxy.ledger.store import Store
+from proxy.ledger.tables import chains, dead_letters, erasures
 
 log = logging.getLogger("euroute.ledger")
-_COLS = [c for c in ledger.columns if c.name != "id"]
-COLUMNS = tuple(str(c.name) for c in _COLS)
-_pick = operator.attrgetter(*COLUMNS)
-_TIMES = [i for i, c in enumerate(_COLS) if isinstance(c.type, UTCDateTime)]
-_DATES = [i for i, c in enumerate(_COLS) if isinstance(c.type, Date)]
-_SQLITE_INSERT = (f"INSERT INTO ledger ({', '.join(COLUMNS)}) "
-                  f"VALUES ({', '.join('?' * len(COLUMNS))})")
-
-
-def _records(batch: list[RequestRecord], sqlite: bool) -> list[tuple[Any, ...]]:
-    """Rows as value lists, times as naive UTC: SQLite gets the text forms SQLAlchemy's
-    dialect stores and parses back, asyncpg the objects its binary COPY takes."""
-    out = []
-    for row in batch:
-        values = list(_pick(row))
-        for i in _TIMES:
-            if (when := values[i]) is not None:
-                naive = when.astimezone(dt.UTC).replace(tzinfo=None)
-                values[i] = naive.isoformat(" ", "microseconds") if sqlite else naive
-        if sqlite:
-            for i in _DATES:
-                if (day := values[i]) is not None:
-                    values[i] = day.isoformat()
-        out.append(tuple(values))
-    return out
-
-
-async def _insert(conn: AsyncConnection, batch: list[RequestRecord]) -> None:
-    """Insert a batch by the fastest path each database has: SQLAlchemy's per-row parameter
-    processing costs more than everything else the writer does (bench/ledger.py)."""
-    dialect = conn.dialect.name
-    if dialect == "sqlite":
-        await conn.exec_driver_sql(_SQLITE_INSERT, _records(batch, sqlite=True))
-    elif dialect == "postgresql" and conn.dialect.driver == "asyncpg":
-        raw = await conn.get_raw_connection()
-        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-            "ledger", columns=COLUMNS, records=_records(batch, sqlite=False))
-    else:
-        await conn.execute(insert(ledger), [row.as_dict() for row in batch])
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -101,6 +56,8 @@ def is_outage(exc: BaseException) -> bool:
         return sqlstate[:2] not in ("22", "23")
     if isinstance(exc, DBAPIError):
         return not isinstance(exc, DataError | IntegrityError)
+    if isinstance(exc, sqlite3.Error):  # the store's own SQLite connection
+        return isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
     return isinstance(exc, OSError | TimeoutError)
 
 
@@ -115,7 +72,7 @@ class Writer:
                  grace_s: float = 30.0, anchors: AnchorSink | None = None,
                  anchor_s: float = 60.0) -> None:
         self.engine = engine
-        self._intent_log = intents.IntentLog(engine)
+        self.store = Store(engine)
         self.writer_id = uuid.uuid4().hex
         self.keyring = keyring
         self.key = keyring.current
@@ -246,7 +203,7 @@ class Writer:
                     break
                 except Exception:  # noqa: S110 - _ended reported it and started another
                     pass
-        await self._intent_log.close()
+        await self.store.close()
 
     # -- the intent committer ---------------------------------------------------------------
 
@@ -261,7 +218,7 @@ class Writer:
                 continue
             group, self._intents = self._intents, []
             try:
-                await self._intent_log.commit([values for values, _ in group])
+                await self.store.commit_intents([values for values, _ in group])
             except Exception as exc:
                 log.warning("ledger: %d intents not committed (%s)", len(group),
                             type(exc).__name__)
@@ -321,9 +278,9 @@ class Writer:
 
     async def _flush(self) -> None:
         n = min(self.batch_size, len(self._buffer))
-        await self._store([self._buffer[i] for i in range(n)])
+        await self._write_or_isolate([self._buffer[i] for i in range(n)])
 
-    async def _store(self, rows: list[RequestRecord]) -> None:
+    async def _write_or_isolate(self, rows: list[RequestRecord]) -> None:
         """Write rows, isolating the ones the database refuses; pops what is settled."""
         try:
             await self._write(rows)
@@ -334,8 +291,8 @@ class Writer:
                 await self._dead_letter(rows[0], exc)
             else:
                 half = len(rows) // 2
-                await self._store(rows[:half])
-                await self._store(rows[half:])
+                await self._write_or_isolate(rows[:half])
+                await self._write_or_isolate(rows[half:])
             return
         self.written += len(rows)
         self.batches += 1
@@ -371,18 +328,9 @@ class Writer:
         used, self._key_use = self._key_use, {}
         done = [r.request_id for r in rows if r.request_id in self._intended]
         try:
-            async with self.engine.begin() as conn:
-                await _insert(conn, rows)
-                await conn.execute(update(chains).where(chains.c.writer_id == self.writer_id)
-                                   .values(**self._head(rows[-1].seq or 0,
-                                                        rows[-1].row_hash or GENESIS, now)))
-                if done:
-                    await intents.delete(conn, done)
-                if used:
-                    await conn.execute(
-                        update(api_keys).where(api_keys.c.id == bindparam("kid"))
-                        .values(last_used_at=bindparam("when")),
-                        [{"kid": k, "when": w} for k, w in used.items()])
+            await self.store.write_rows(
+                rows, self.writer_id, self._head(rows[-1].seq or 0, rows[-1].row_hash or GENESIS,
+                                                 now), done, used)
         except BaseException:
             for k, w in used.items():
                 self._key_use.setdefault(k, w)

@@ -73,6 +73,8 @@ class PolicySet:
     today: dt.date
     base_urls: dict[str, str]
     api_keys: dict[str, str | None]
+    # Enabled routes whose `api_key_env` is unset: route id -> variable. Never tried.
+    uncredentialed: dict[str, str]
     standings: dict[str, Standing]
     by_model: dict[str, list[Route]]
     decisions: dict[tuple[str, str], Decision]
@@ -165,6 +167,8 @@ def build(catalog: Catalog, contracts: Contracts, policies: dict[str, Policy],
         for model in route.models:
             by_model.setdefault(model, []).append(route)
     enabled = set(base_urls)
+    uncredentialed = {r.id: r.api_key_env for r in catalog.routes
+                      if r.api_key_env and r.id in enabled and not api_keys[r.id]}
     decisions = {
         (p.name, model): decide(p, Rules.of(p.require), model, routes, enabled, contracts, today)
         for p in policies.values()
@@ -172,7 +176,7 @@ def build(catalog: Catalog, contracts: Contracts, policies: dict[str, Policy],
     }
     return PolicySet(
         version=version, catalog=catalog, contracts=contracts, policies=policies, apps=apps,
-        today=today, base_urls=base_urls, api_keys=api_keys,
+        today=today, base_urls=base_urls, api_keys=api_keys, uncredentialed=uncredentialed,
         standings={r.id: standing(r, contracts, today) for r in catalog.routes},
         by_model=by_model, decisions=decisions,
     )
