@@ -211,6 +211,11 @@ def test_no_route_with_its_credential_left_is_a_clear_503(
     assert (row["outcome"], row["status"], row["route"]) == ("unavailable", 503, None)
     decision = json.loads(row["decision"])
     assert LEFT_OUT in decision["reasons"] and decision["candidates"] == []
+    # Nor is the model listed for this key, while a key whose policy has a credentialed route
+    # still sees it.
+    assert MODEL not in [m.id for m in client.models.list()]
+    standard = openai.OpenAI(base_url=proxy.url, api_key=proxy.key("fallover", "eu-standard"))
+    assert MODEL in [m.id for m in standard.models.list()]
 
 
 def test_strict_policy_admits_the_self_hosted_route(two_routes: Proxy, fake: FakeMistral) -> None:

@@ -97,8 +97,10 @@ class PolicySet:
         return found
 
     def models_for(self, policy: str) -> list[str]:
-        """Public model ids that `policy` admits on at least one route."""
-        return [m for m in self.by_model if (d := self.decisions.get((policy, m))) and d.routes]
+        """Public model ids that `policy` admits on at least one route that has its
+        credential."""
+        return [m for m in self.by_model if (d := self.decisions.get((policy, m)))
+                and any(r.id not in self.uncredentialed for r in d.routes)]
 
 
 def read(directory: Path, *, today: dt.date | None = None,
