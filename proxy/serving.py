@@ -89,6 +89,10 @@ def serve(settings: Settings, *, host: str, port: int, workers: int) -> None:
         uvicorn.Server(cfg).run()
 
 
+# How long a refused connection keeps reading (and dropping) what the client still sends.
+LINGER_S = 1.0
+
+
 def _reply(status: bytes) -> bytes:
     return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
             b"connection: close\r\ncontent-length: ")
@@ -142,7 +146,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     def _too_large(self) -> None:
         self._refuse(b"431 Request Header Fields Too Large",
                      f"request headers exceed {self.limits.max_header_bytes} bytes",
-                     "invalid_request_error", "request_header_fields_too_large")
+                     "invalid_request_error", "request_header_fields_too_large", linger=True)
 
     # -- parser callbacks ---------------------------------------------------------------------
 
@@ -200,11 +204,22 @@ class GuardedHttpTools(HttpToolsProtocol):
     def _response_started(self) -> bool:
         return self.cycle is not None and self.cycle.response_started
 
-    def _refuse(self, status: bytes, message: str, kind: str, code: str) -> None:
-        """An OpenAI-shaped error written straight to the socket, which is then closed."""
+    def _refuse(self, status: bytes, message: str, kind: str, code: str,
+                linger: bool = False) -> None:
+        """An OpenAI-shaped error written straight to the socket, which is then closed.
+
+        `linger` when the client is still sending: the connection closes in stages (RFC 9112
+        section 9.6), the write side at once, the read side once the client closes or after
+        LINGER_S, what it still sends being dropped. Closing both at once while data keeps
+        arriving makes the kernel reset the connection, and a reset can destroy the error
+        before the client reads it. Not otherwise: a lingering socket holds a descriptor."""
         self._refused = True
         self._disarm()
         body = (b'{"error":{"message":"' + message.encode() + b'","type":"' + kind.encode()
                 + b'","param":null,"code":"' + code.encode() + b'"}}')
         self.transport.write(_reply(status) + str(len(body)).encode() + b"\r\n\r\n" + body)
-        self.transport.close()
+        if linger and self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._timer = self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()

@@ -72,6 +72,20 @@ def test_a_header_block_over_the_limit_is_431(strict: Proxy) -> None:
         assert error["type"] == "invalid_request_error" and "message" in error
 
 
+def test_the_431_survives_a_client_that_keeps_sending(strict: Proxy) -> None:
+    """The server closes in stages (RFC 9112 9.6): what still arrives after the 431 is read
+    and dropped. Closed at once with unread bytes queued, the kernel sends a reset instead,
+    and a reset destroys the 431 before the client reads it."""
+    for _ in range(5):
+        with connect(strict) as sock:
+            try:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: " + b"a" * (1 << 20))
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            status, error = status_and_error(read_all(sock))
+        assert status == 431 and error["code"] == "request_header_fields_too_large"
+
+
 @pytest.mark.parametrize("sent", [b"", b"GET /healthz HTTP/1.1\r\nhost: x\r\n"])
 def test_headers_that_do_not_arrive_in_time_are_408(strict: Proxy, sent: bytes) -> None:
     with connect(strict) as sock:
@@ -105,7 +119,8 @@ def test_dripped_headers_are_408_however_steady_the_drip(strict: Proxy) -> None:
     assert time.monotonic() - began < TIMEOUT_S + 5
 
 
-def test_a_body_that_stalls_is_408(strict: Proxy, app_key: str, fake: FakeMistral) -> None:
+def test_a_body_that_stalls_is_408(strict: Proxy, fake: FakeMistral) -> None:
+    app_key = strict.key()  # known to this proxy's key cache, not only to the database
     body = b'{"model": "magistral-small-2509", "messages": [{"role": "user", "content": "hi"}]}'
     with connect(strict) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
