@@ -301,6 +301,17 @@ def needs(request: dict[str, Any], endpoint: str) -> frozenset[str]:
 MAX_TOKENS = 2**31 - 1
 
 
+def check_choices(answer: dict[str, Any]) -> dict[str, Any]:
+    """An upstream answer or chunk as it entered; its `choices`, when present, must be a list
+    of objects (every surface and dialect reads them so), else it is an upstream error."""
+    choices = answer.get("choices")
+    if choices is not None and not (isinstance(choices, list)
+                                    and all(isinstance(c, dict) for c in choices)):
+        raise UpstreamUnavailable("upstream sent choices that are not a list of objects",
+                                  code="upstream_error")
+    return answer
+
+
 def usage_of(answer: dict[str, Any]) -> tuple[int, int] | None:
     """(prompt, completion) tokens; None when the answer reports none. Numbers that cannot be
     true (negative, not integers, past the ledger's range) make the answer an upstream error:

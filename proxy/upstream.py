@@ -369,4 +369,4 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise broken("upstream sent a body that is not JSON") from None
     if not isinstance(answer, dict):
         raise broken("upstream sent JSON that is not an object")
-    return answer
+    return dialect.check_choices(answer)

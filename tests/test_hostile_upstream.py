@@ -180,6 +180,48 @@ def test_json_that_is_not_an_object(up: ScriptedUpstream, hostile: Proxy, key: s
     assert_error(post(hostile, key), 502, hostile, "upstream_error")
 
 
+BAD_CHOICES = [5, "x", {"index": 0}, [1], ["x"]]
+SURFACE_PATHS = ["chat/completions", "responses", "messages"]
+
+
+def _surface_request(path: str, stream: bool) -> dict[str, Any]:
+    if path == "responses":
+        return {"model": MODEL, "input": "hi", "stream": stream}
+    if path == "messages":
+        return {"model": MODEL, "max_tokens": 50, "messages": HELLO, "stream": stream}
+    return {"model": MODEL, "messages": HELLO, "stream": stream}
+
+
+@pytest.mark.parametrize("path", SURFACE_PATHS)
+@pytest.mark.parametrize("choices", BAD_CHOICES)
+def test_an_answer_whose_choices_are_not_a_list_of_objects(
+        up: ScriptedUpstream, hostile: Proxy, key: str, choices: Any, path: str) -> None:
+    up.script = answer(response(200, orjson.dumps({**ANSWER, "choices": choices})))
+    r = httpx.post(f"{hostile.url}/{path}", timeout=60, json=_surface_request(path, False),
+                   headers={"authorization": f"Bearer {key}"})
+    assert r.status_code == 502, r.text
+    assert hostile.row(r.headers["x-request-id"])["outcome"] == "upstream_error"
+
+
+@pytest.mark.parametrize("path", SURFACE_PATHS)
+@pytest.mark.parametrize("choices", BAD_CHOICES)
+def test_a_stream_event_whose_choices_are_not_a_list_of_objects(
+        up: ScriptedUpstream, hostile: Proxy, key: str, choices: Any, path: str) -> None:
+    async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
+        bad = {"id": "cmpl-1", "object": "chat.completion.chunk", "choices": choices}
+        events = [b"data: " + orjson.dumps(bad) + b"\n\n", *sse_events()]
+        writer.write(sse_head() + b"".join(chunk(e) for e in events) + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up.script = script
+    r = httpx.post(f"{hostile.url}/{path}", timeout=60, json=_surface_request(path, True),
+                   headers={"authorization": f"Bearer {key}"})
+    # The first event is unusable before any byte reached the client: a clean 502.
+    assert r.status_code == 502, r.text
+    assert hostile.row(r.headers["x-request-id"])["outcome"] == "upstream_error"
+
+
 @pytest.mark.parametrize("status", [301, 302, 307])
 def test_redirects_are_never_followed(up: ScriptedUpstream, hostile: Proxy, key: str,
                                       status: int) -> None:

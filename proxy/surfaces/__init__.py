@@ -124,7 +124,7 @@ def _chunk(data: bytes) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise UpstreamUnavailable("upstream sent a stream event that is not a chunk",
                                   code="upstream_error")
-    return chunk
+    return dialect.check_choices(chunk)
 
 
 class ChunkStream:
