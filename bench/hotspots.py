@@ -33,10 +33,11 @@ AREAS = [  # first match wins, tested against each frame of a stack, innermost f
     ("ledger writer (SQLAlchemy, aiosqlite, sqlite3)",
      re.compile(r"proxy/ledger/|sqlalchemy|aiosqlite|sqlite3|greenlet")),
     ("upstream client (aiohttp, httpx-aiohttp, httpx, httpcore)",
-     re.compile(r"/aiohttp/|/httpx_aiohttp/|/httpx/|/httpcore/|/anyio/|/yarl/|/multidict/")),
-    ("euroute request path", re.compile(r"proxy/(gateway|surfaces|dialects?|keys|limits|policy|"
-                                        r"upstream|relay|sse|asgi|errors)")),
-    ("uvicorn + starlette", re.compile(r"/uvicorn/|/starlette/")),
+     re.compile(r"(?:^|[(/])(?:aiohttp|httpx_aiohttp|httpx|httpcore|anyio|yarl|multidict)/")),
+    ("euroute request path", re.compile(r"proxy/(gateway|surfaces|dialects?|scrub|keys|limits|"
+                                        r"policy|metrics|logs|app|serving|upstream|relay|sse|"
+                                        r"asgi|errors)")),
+    ("uvicorn + starlette", re.compile(r"(?:^|[(/])(?:uvicorn|starlette)/")),
     ("asyncio / uvloop", re.compile(r"asyncio|uvloop")),
 ]
 
@@ -80,12 +81,8 @@ def _summary(lines: list[str], top: int) -> str:
         own[names[-1]] += n
         for name in set(names):
             inclusive[name] += n
-        for label, pattern in AREAS:
-            if any(pattern.search(f) for f in reversed(frames)):
-                areas[label] += n
-                break
-        else:
-            areas["other"] += n
+        areas[next((label for f in reversed(frames) for label, pattern in AREAS
+                     if pattern.search(f)), "other")] += n
     out = [f"samples: {total}", "", f"top {top} by own time:", ""]
     out += [f"  {n / total * 100:5.1f}%  {name}" for name, n in own.most_common(top)]
     out += ["", f"top {top} by inclusive time:", ""]
