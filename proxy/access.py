@@ -23,8 +23,7 @@ from starlette.responses import Response
 
 from proxy import report
 from proxy.errors import BadRequest, EurouteError, Forbidden
-from proxy.gateway import authenticate
-from proxy.keys import Key, Role
+from proxy.keys import Key, Role, authenticate
 
 Handler = Callable[[Request, Key], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]

@@ -78,3 +78,18 @@ class DisconnectWatch:
         if not self.gone or self._task is None:
             return False
         return self._task.uncancel() == 0
+
+
+def header_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
+    """Every value of a header, in order: a field may be sent several times (RFC 9110 5.3)."""
+    return [v for k, v in headers if k == name]
+
+
+def single_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """A header that cannot be a list: copies that differ are refused, since which one wins
+    differs from one proxy to the next."""
+    values = header_values(headers, name)
+    if len(set(values)) > 1:
+        raise BadRequest(f"the {name.decode()} header is sent more than once with different "
+                         "values", param=name.decode(), code="conflicting_headers")
+    return values[0] if values else None

@@ -24,7 +24,17 @@ from typing import Any
 import orjson
 
 from proxy import dialect, dialects, metrics, surfaces
-from proxy.asgi import DisconnectWatch, Receive, Scope, Send, read_body, send_error, send_json
+from proxy.asgi import (
+    DisconnectWatch,
+    Receive,
+    Scope,
+    Send,
+    header_values,
+    read_body,
+    send_error,
+    send_json,
+    single_header,
+)
 from proxy.errors import (
     BadRequest,
     CredentialsMissing,
@@ -41,13 +51,13 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.keys import Key, KeyCache
+from proxy.keys import KeyCache, authenticate
 from proxy.ledger.chain import commitment, pseudonym
 from proxy.ledger.record import OUTCOMES as RECORD_OUTCOMES
 from proxy.ledger.record import RequestRecord
 from proxy.ledger.writer import Writer
 from proxy.limits import Budgets, RateLimiter
-from proxy.logs import log_request, log_unauthorized
+from proxy.logs import log_request
 from proxy.policy.decide import Check, parse_narrowing, request_checks
 from proxy.policy.live import LivePolicies
 from proxy.policy.load import PolicySet
@@ -98,53 +108,6 @@ def route_facts(row: RequestRecord, route: Route, policies: PolicySet) -> None:
             provider_retention_days=days)
     row.provider_copy_gone_on = (None if days is None
                                  else row.created_at.date() + dt.timedelta(days=days))
-
-
-def header_values(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
-    """Every value of a header, in order: a field may be sent several times (RFC 9110 5.3)."""
-    return [v for k, v in headers if k == name]
-
-
-def single_header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """A header that cannot be a list: copies that differ are refused, since which one wins
-    differs from one proxy to the next."""
-    values = header_values(headers, name)
-    if len(set(values)) > 1:
-        raise BadRequest(f"the {name.decode()} header is sent more than once with different "
-                         "values", param=name.decode(), code="conflicting_headers")
-    return values[0] if values else None
-
-
-def authenticate(keys: KeyCache, scope: Scope) -> Key:
-    """The key a request presents, or Unauthorized (401), counted and logged by `refused`."""
-    headers = scope["headers"]
-    try:
-        auth = single_header(headers, b"authorization")
-        # Anthropic's SDK sends its key in x-api-key.
-        api_key = single_header(headers, b"x-api-key") if auth is None else None
-    except BadRequest as exc:
-        refused(scope, "malformed")
-        raise Unauthorized(exc.message) from None
-    if api_key:
-        secret = api_key.strip()
-    elif auth and auth.lower().startswith(b"bearer "):
-        secret = auth[7:].strip()
-    else:
-        refused(scope, "missing")
-        raise Unauthorized("missing API key: send 'Authorization: Bearer <euroute key>' "
-                           "(or 'x-api-key: <euroute key>')")
-    key = keys.get(secret.decode("latin-1"))
-    if key is None:
-        refused(scope, "invalid")
-        raise Unauthorized("invalid or revoked API key")
-    return key
-
-
-def refused(scope: Scope, reason: metrics.Refusal) -> None:
-    """A request refused for want of a valid key: counted and logged, never any part of the
-    key. No ledger row: a client without a key must not be able to grow the ledger."""
-    metrics.UNAUTHORIZED.labels(reason).inc()
-    log_unauthorized(scope, reason)
 
 
 @dataclass(slots=True)

@@ -1,4 +1,5 @@
-"""API keys: created once, stored only as SHA-256, looked up from an in-memory cache.
+"""API keys: created once, stored only as SHA-256, looked up from an in-memory cache, and the
+authentication of every request by them.
 
 The cache reloads the whole (small) key table every few seconds, so a key revoked on one
 replica stops working on all of them within that interval, and no request waits on the DB.
@@ -19,7 +20,11 @@ from typing import Literal
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from proxy import metrics
+from proxy.asgi import Scope, single_header
+from proxy.errors import BadRequest, Unauthorized
 from proxy.ledger.tables import api_keys, key_events
+from proxy.logs import log_unauthorized
 from proxy.policy.load import PolicySet
 
 log = logging.getLogger("euroute.keys")
@@ -166,3 +171,35 @@ class KeyCache:
                 await self.load()
             except Exception as exc:
                 log.warning("key cache refresh failed: %s: %s", type(exc).__name__, exc)
+
+
+def authenticate(keys: KeyCache, scope: Scope) -> Key:
+    """The key a request presents, or Unauthorized (401), counted and logged by `refused`."""
+    headers = scope["headers"]
+    try:
+        auth = single_header(headers, b"authorization")
+        # Anthropic's SDK sends its key in x-api-key.
+        api_key = single_header(headers, b"x-api-key") if auth is None else None
+    except BadRequest as exc:
+        refused(scope, "malformed")
+        raise Unauthorized(exc.message) from None
+    if api_key:
+        secret = api_key.strip()
+    elif auth and auth.lower().startswith(b"bearer "):
+        secret = auth[7:].strip()
+    else:
+        refused(scope, "missing")
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <euroute key>' "
+                           "(or 'x-api-key: <euroute key>')")
+    key = keys.get(secret.decode("latin-1"))
+    if key is None:
+        refused(scope, "invalid")
+        raise Unauthorized("invalid or revoked API key")
+    return key
+
+
+def refused(scope: Scope, reason: metrics.Refusal) -> None:
+    """A request refused for want of a valid key: counted and logged, never any part of the
+    key. No ledger row: a client without a key must not be able to grow the ledger."""
+    metrics.UNAUTHORIZED.labels(reason).inc()
+    log_unauthorized(scope, reason)

@@ -26,8 +26,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from proxy import records, report
-from proxy.gateway import refused
-from proxy.keys import Key, digest
+from proxy.keys import Key, digest, refused
 from proxy.ledger import providers, queries
 from proxy.ledger.queries import Window
 from proxy.ui_pages import STYLE_HASH, bar_chart, h, line_chart, login, page, table
