@@ -443,7 +443,7 @@ def _taking_parameters(routes: list[Route], request: dict[str, Any]) -> list[Rou
 def _rendered(surface: surfaces.Exchange, answer: Any, route: Route) -> bytes:
     """A JSON answer in the client's API; one already in its shape goes on as it came."""
     raw = answer.body or b""
-    if surface.passthrough and not surfaces.NEEDS_FOLD.search(raw):
+    if surface.passthrough and not surfaces.needs_fold(answer.json or {}, "message"):
         return raw
     return surface.answer(dialects.of(route).answer(answer.json or {}))
 

@@ -18,7 +18,6 @@ Adding a surface is one module here, named in proxy/gateway.py's SURFACES.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -27,11 +26,6 @@ import orjson
 from proxy import dialect
 from proxy.errors import EurouteError, UpstreamUnavailable
 from proxy.scrub import Scrubber
-
-# What a dialect may have to fold: a content chunk list, vLLM's `reasoning` field. An answer
-# without either is already in the internal shape, so the chat surface relays its bytes as
-# they came. (A match inside a JSON string is impossible: its quotes would be escaped.)
-NEEDS_FOLD = re.compile(rb'"content":\s*\[|"reasoning"')
 
 
 class Stream(Protocol):
@@ -86,20 +80,15 @@ class Relay:
             if data == b"[DONE]":
                 self.done = True
                 out.append(self._flush() + self.stream.close())
-            elif self.stream.passthrough and b'"usage"' not in data \
-                    and not NEEDS_FOLD.search(data):
-                out.append(self._pass(data, event.raw))
             else:
-                out.append(self._render(data))
+                out.append(self._event(_chunk(data), event.raw))
         return self.scrub(b"".join(out))
 
-    def _pass(self, data: bytes, raw: bytes) -> bytes:
-        """A chunk in the surface's shape already: as it came, unless its texts are scrubbed."""
-        chunk = _chunk(data)
-        return self.stream.feed(chunk) if self.texts.chunk(chunk) else raw
-
-    def _render(self, data: bytes) -> bytes:
-        chunk = _chunk(data)
+    def _event(self, chunk: dict[str, Any], raw: bytes) -> bytes:
+        if (self.stream.passthrough and chunk.get("usage") is None
+                and not needs_fold(chunk, "delta")):
+            # In the surface's shape already: as it came, unless its texts are scrubbed.
+            return self.stream.feed(chunk) if self.texts.chunk(chunk) else raw
         if (usage := dialect.usage_of(chunk)) is not None:
             self.usage = usage
         chunk = self.fold(chunk)
@@ -113,6 +102,18 @@ class Relay:
     def fail(self, exc: EurouteError) -> bytes:
         """What ends a stream cut short: its status has gone out, so the surface's error event."""
         return self.scrub(self._flush() + self.stream.fail(exc))
+
+
+def needs_fold(answer: dict[str, Any], key: str) -> bool:
+    """Whether a dialect has to fold an answer (`key` "message") or chunk ("delta"): a content
+    chunk list or vLLM's `reasoning` field. Without either it is in the internal shape already,
+    and the chat surface relays its bytes as they came. Read from the parsed JSON, so that
+    escaped field names (`"re\\u0061soning"`) are what they mean."""
+    for choice in answer.get("choices") or ():
+        part = choice.get(key)
+        if isinstance(part, dict) and ("reasoning" in part or isinstance(part.get("content"), list)):
+            return True
+    return False
 
 
 def _chunk(data: bytes) -> dict[str, Any]:
