@@ -262,6 +262,23 @@ def test_echoed_provider_key_never_reaches_the_client(
     assert UPSTREAM_KEY not in str(row.values())
 
 
+def test_usage_under_an_escaped_field_name_is_booked(up: ScriptedUpstream, hostile: Proxy,
+                                                     key: str) -> None:
+    """JSON may spell a field name with escapes; euroute reads what the JSON means, so an
+    upstream cannot keep its usage out of the ledger by writing "u\\u0073age"."""
+    async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
+        events = [e.replace(b'"usage"', b'"u\\u0073age"') for e in sse_events()]
+        writer.write(sse_head() + b"".join(chunk(e) for e in events) + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up.script = script
+    r = post(hostile, key, stream=True)
+    assert r.status_code == 200
+    row = hostile.row(r.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"], row["usage_missing"]) == (7, 3, False)
+
+
 def test_echoed_provider_key_in_a_stream_event(up: ScriptedUpstream, hostile: Proxy,
                                                key: str) -> None:
     async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
