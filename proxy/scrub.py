@@ -5,9 +5,10 @@ event); the app must never see euroute's provider key. `Scrubber` replaces every
 in the forms JSON may give it, in the bytes that go back. Keys shorter than 8 characters are not
 real provider keys and would blank out ordinary text, so they are left alone.
 
-A stream spreads its texts (`content`, `reasoning_content`) over many events and the client
-joins them, so a key cut across events (`"... sk-ab"`, then `"c123 ..."`) passes a scrub of
-each event on its own. `TextScrub` follows each text of one stream across its events:
+A stream spreads its texts (`content`, `reasoning_content`, and each tool call's
+`function.arguments`, by its `index`) over many events and the client joins them, so a key cut
+across events (`"... sk-ab"`, then `"c123 ..."`) passes a scrub of each event on its own.
+`TextScrub` follows each text of one stream across its events:
 
 - a text that ends in the first HOLD or more characters of a key keeps them back and puts them
   before its next piece; a key found in the joined text becomes the mark;
@@ -96,9 +97,10 @@ class TextScrub:
 
     def __init__(self, scrubber: Scrubber) -> None:
         self._scrubber = scrubber
-        # (choice index, field) -> (the end of that text that begins a key, how much of it the
-        # client has); only texts that end so are here, so an empty dict is the common case.
-        self._open: dict[tuple[int, str], tuple[str, int]] = {}
+        # (choice index, field or tool-call index) -> (the end of that text that begins a key,
+        # how much of it the client has); only texts that end so are here, so an empty dict is
+        # the common case.
+        self._open: dict[tuple[int, str | int], tuple[str, int]] = {}
         self._head: dict[str, Any] = {}  # the last chunk that left a text open
 
     def chunk(self, chunk: dict[str, Any]) -> bool:
@@ -114,18 +116,34 @@ class TextScrub:
                 continue
             for field in _TEXTS:
                 text = delta.get(field)
-                if type(text) is not str or not text or not (self._open or touches(text)):
-                    continue
-                index = choice.get("index")
-                out = self._piece((index if type(index) is int else 0, field), text)
-                if out != text:
-                    delta[field] = out
-                    changed = True
+                if type(text) is str and text and (self._open or touches(text)):
+                    changed |= self._put(choice, field, delta, field)
+            calls = delta.get("tool_calls")
+            if type(calls) is not list:
+                continue
+            for call in calls:
+                # A call without an index is a call of its own to every surface: nothing to join.
+                function = call.get("function") if type(call) is dict else None
+                text = function.get("arguments") if type(function) is dict else None
+                if (type(text) is str and text and (self._open or touches(text))
+                        and type(call.get("index")) is int):
+                    changed |= self._put(choice, call["index"], function, "arguments")
         if self._open:
             self._head = chunk
         return changed
 
-    def _piece(self, slot: tuple[int, str], text: str) -> str:
+    def _put(self, choice: dict[str, Any], part: str | int, holder: dict[str, Any],
+             name: str) -> bool:
+        """Scrubs `holder[name]`, a piece of the choice's text `part`; whether it changed."""
+        index = choice.get("index")
+        text = holder[name]
+        out = self._piece((index if type(index) is int else 0, part), text)
+        if out == text:
+            return False
+        holder[name] = out
+        return True
+
+    def _piece(self, slot: tuple[int, str | int], text: str) -> str:
         """What the client gets of this piece of a text."""
         scrubber = self._scrubber
         tail, sent = self._open.pop(slot, _NOTHING) if self._open else _NOTHING
@@ -144,10 +162,16 @@ class TextScrub:
     def flush(self) -> dict[str, Any] | None:
         """At the end of the stream: a chunk with the mark for each text whose end is held back;
         None when none is."""
-        held: dict[int, dict[str, str]] = {}
-        for (index, field), (tail, sent) in self._open.items():
-            if sent < len(tail):
-                held.setdefault(index, {})[field] = MARK
+        held: dict[int, dict[str, Any]] = {}
+        for (index, part), (tail, sent) in self._open.items():
+            if sent >= len(tail):
+                continue
+            delta = held.setdefault(index, {})
+            if type(part) is str:
+                delta[part] = MARK
+            else:
+                delta.setdefault("tool_calls", []).append(
+                    {"index": part, "function": {"arguments": MARK}})
         self._open.clear()
         if not held:
             return None

@@ -25,6 +25,7 @@ HELLO = [{"role": "user", "content": "Hi"}]
 BEFORE, AFTER = "Your key is ", " - keep it safe."
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 SURFACES = ("chat", "responses", "messages")
+FIELDS = ("text", "thinking", "tool")
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +59,20 @@ def event(delta: dict[str, Any], encode: Callable[[Any], bytes] = orjson.dumps, 
 
 
 def delta(field: str, text: str) -> dict[str, Any]:
-    """A piece of the answer text, or of Magistral's thinking (a content chunk)."""
+    """A piece of the answer text, of Magistral's thinking (a content chunk), or of the
+    arguments of tool call 0 (which the scrub needs not be JSON)."""
     if field == "text":
         return {"content": text}
+    if field == "tool":
+        return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
     return {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": text}]}]}
+
+
+def tool_call(index: int, arguments: str) -> dict[str, Any]:
+    """The first delta of tool call `index`, as OpenAI streams it."""
+    return {"role": "assistant", "tool_calls": [{
+        "index": index, "id": f"call_{index}", "type": "function",
+        "function": {"name": "remember", "arguments": arguments}}]}
 
 
 def echo(pieces: Callable[[str], list[str]], field: str = "text", done: bool = True,
@@ -72,6 +83,8 @@ def echo(pieces: Callable[[str], list[str]], field: str = "text", done: bool = T
         auth = next(line.split(b":", 1)[1].strip().decode() for line in request.head.split(b"\r\n")
                     if line.lower().startswith(b"authorization:"))
         events = [event(delta(field, p), encode) for p in pieces(auth.removeprefix("Bearer "))]
+        if field == "tool":
+            events.insert(0, event(tool_call(0, "")))
         events.append(event({"content": ""}, usage=USAGE))
         writer.write(sse_head())
         for e in [*events, b"data: [DONE]\n\n"] if done else events:
@@ -83,9 +96,10 @@ def echo(pieces: Callable[[str], list[str]], field: str = "text", done: bool = T
     return script
 
 
-def read(proxy: Proxy, key: str, surface: str) -> tuple[str, str, str, str]:
-    """What a client of `surface` reads of the stream, through its SDK: (text, thinking,
-    everything it got, serialised, x-request-id). Checks the stream ended with its usage."""
+def read(proxy: Proxy, key: str, surface: str) -> tuple[str, str, str, str, str]:
+    """What a client of `surface` reads of the stream, through its SDK: (text, thinking, the
+    arguments of its tool call, everything it got, serialised, x-request-id). Checks the stream
+    ended with its usage."""
     if surface == "messages":
         with anthropic.Anthropic(base_url=proxy.origin, api_key=key) as claude:
             raw = claude.messages.with_raw_response.create(
@@ -94,6 +108,7 @@ def read(proxy: Proxy, key: str, surface: str) -> tuple[str, str, str, str]:
         deltas = [e.delta for e in events if e.type == "content_block_delta"]
         text = "".join(d.text for d in deltas if d.type == "text_delta")
         thinking = "".join(d.thinking for d in deltas if d.type == "thinking_delta")
+        arguments = "".join(d.partial_json for d in deltas if d.type == "input_json_delta")
         assert events[-1].type == "message_stop" and events[-2].usage.output_tokens == 3
     else:
         with openai.OpenAI(base_url=proxy.url, api_key=key) as client:
@@ -105,6 +120,10 @@ def read(proxy: Proxy, key: str, surface: str) -> tuple[str, str, str, str]:
                 text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
                 thinking = "".join(getattr(e.choices[0].delta, "reasoning_content", None) or ""
                                    for e in events if e.choices)
+                # Joined by tool-call index, as the SDK's own accumulator does.
+                arguments = "".join(c.function.arguments or "" for e in events if e.choices
+                                    for c in e.choices[0].delta.tool_calls or ()
+                                    if c.index == 0 and c.function)
                 assert events[-1].usage.completion_tokens == 3 and not events[-1].choices
             else:
                 raw = client.responses.with_raw_response.create(model=MODEL, input="Hi",
@@ -113,12 +132,14 @@ def read(proxy: Proxy, key: str, surface: str) -> tuple[str, str, str, str]:
                 text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
                 thinking = "".join(e.delta for e in events
                                    if e.type == "response.reasoning_text.delta")
+                arguments = "".join(e.delta for e in events
+                                    if e.type == "response.function_call_arguments.delta")
                 assert events[-1].type == "response.completed"
                 assert events[-1].response.usage.output_tokens == 3
     request_id = raw.headers["x-request-id"]
     row = proxy.row(request_id)
     assert (row["outcome"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 7, 3)
-    return text, thinking, str([e.model_dump() for e in events]), request_id
+    return text, thinking, arguments, str([e.model_dump() for e in events]), request_id
 
 
 def assert_marked(got: str, key: str, before: str = BEFORE, after: str = AFTER) -> None:
@@ -129,20 +150,27 @@ def assert_marked(got: str, key: str, before: str = BEFORE, after: str = AFTER) 
     assert len(shown) < HOLD and key.startswith(shown), got
 
 
-@pytest.mark.parametrize("field", ["text", "thinking"])
+def texts(proxy: Proxy, key: str, surface: str) -> tuple[dict[str, str], str]:
+    """What the client read of each text ("text", "thinking", "tool": the arguments of tool
+    call 0), and everything it got, serialised."""
+    *joined, everything, _ = read(proxy, key, surface)
+    return dict(zip(FIELDS, joined, strict=True)), everything
+
+
+@pytest.mark.parametrize("field", FIELDS)
 @pytest.mark.parametrize("surface", SURFACES)
 @pytest.mark.parametrize("cut", [1, HOLD - 1, HOLD, 15])
 def test_a_key_cut_in_two_never_reaches_the_client(
         scripted: ScriptedUpstream, relaying: Proxy, key: str, surface: str, field: str,
         cut: int) -> None:
     scripted.reset(echo(lambda k: [BEFORE + k[:cut], k[cut:] + AFTER], field))
-    text, thinking, everything, _ = read(relaying, key, surface)
+    got, everything = texts(relaying, key, surface)
     assert UPSTREAM_KEY not in everything
-    assert_marked(text if field == "text" else thinking, UPSTREAM_KEY)
-    assert (thinking if field == "text" else text) == ""
+    assert_marked(got.pop(field), UPSTREAM_KEY)
+    assert set(got.values()) == {""}
 
 
-@pytest.mark.parametrize("field", ["text", "thinking"])
+@pytest.mark.parametrize("field", FIELDS)
 @pytest.mark.parametrize("surface", SURFACES)
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
 def test_a_key_in_many_pieces_never_reaches_the_client(
@@ -150,9 +178,36 @@ def test_a_key_in_many_pieces_never_reaches_the_client(
         size: int) -> None:
     scripted.reset(echo(lambda k: [BEFORE, *(k[i:i + size] for i in range(0, len(k), size)),
                                    AFTER], field))
-    text, thinking, everything, _ = read(relaying, key, surface)
+    got, everything = texts(relaying, key, surface)
     assert UPSTREAM_KEY not in everything
-    assert_marked(text if field == "text" else thinking, UPSTREAM_KEY)
+    assert_marked(got[field], UPSTREAM_KEY)
+
+
+def test_each_tool_call_is_followed_on_its_own(
+        scripted: ScriptedUpstream, relaying: Proxy, key: str) -> None:
+    """Two calls streamed in turns, each with a key cut over its pieces; a chat client joins
+    each call's arguments by its index."""
+    async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
+        k = UPSTREAM_KEY
+        calls = [tool_call(0, BEFORE + k[:5]), tool_call(1, BEFORE + k[:9])]
+        calls += [{"tool_calls": [{"index": i, "function": {"arguments": a}}]}
+                  for i, a in [(0, k[5:9]), (1, k[9:] + AFTER), (0, k[9:] + AFTER)]]
+        events = [event(d) for d in calls] + [event({}, usage=USAGE), b"data: [DONE]\n\n"]
+        writer.write(sse_head() + b"".join(chunk(e) for e in events) + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    scripted.reset(script)
+    with openai.OpenAI(base_url=relaying.url, api_key=key) as client:
+        events = list(client.chat.completions.create(model=MODEL, messages=HELLO, stream=True))
+    joined = ["", ""]
+    for e in events:
+        for c in e.choices[0].delta.tool_calls or ():
+            if c.function:
+                joined[c.index] += c.function.arguments or ""
+    assert UPSTREAM_KEY not in str([e.model_dump() for e in events])
+    for arguments in joined:
+        assert_marked(arguments, UPSTREAM_KEY)
 
 
 def test_a_key_in_json_escapes_is_found(scripted: ScriptedUpstream, relaying: Proxy,
@@ -166,20 +221,21 @@ def test_a_key_in_json_escapes_is_found(scripted: ScriptedUpstream, relaying: Pr
         return raw
 
     scripted.reset(echo(lambda k: [BEFORE + k[:5], k[5:] + AFTER], encode=escaping))
-    text, _, everything, _ = read(relaying, key, "chat")
+    text, _, _, everything, _ = read(relaying, key, "chat")
     assert UPSTREAM_KEY not in everything
     assert_marked(text, UPSTREAM_KEY)
     scripted.reset(echo(lambda k: [BEFORE + k[:5] + k[5:] + AFTER], encode=escaping))
     assert read(relaying, key, "chat")[0] == BEFORE + MARK + AFTER
 
 
+@pytest.mark.parametrize("field", ["text", "tool"])
 @pytest.mark.parametrize("surface", SURFACES)
 def test_a_key_cut_short_by_the_end_of_the_stream_is_marked(
-        scripted: ScriptedUpstream, relaying: Proxy, key: str, surface: str) -> None:
-    scripted.reset(echo(lambda k: [BEFORE, k[:9]]))
-    text, _, everything, _ = read(relaying, key, surface)
+        scripted: ScriptedUpstream, relaying: Proxy, key: str, surface: str, field: str) -> None:
+    scripted.reset(echo(lambda k: [BEFORE, k[:9]], field))
+    got, everything = texts(relaying, key, surface)
     assert UPSTREAM_KEY[:9] not in everything
-    assert_marked(text, UPSTREAM_KEY, after="")
+    assert_marked(got[field], UPSTREAM_KEY, after="")
 
 
 def test_a_key_cut_short_by_a_failing_stream_is_marked(
@@ -200,17 +256,23 @@ def test_a_key_cut_short_by_a_failing_stream_is_marked(
 def test_text_that_only_begins_like_a_key_is_held_then_given_back_whole(
         scripted: ScriptedUpstream, relaying: Proxy, key: str) -> None:
     scripted.reset(echo(lambda k: ["Run sk-up", "grade, then ", k[:6], "!", "sk-upl", "oad."]))
-    text, _, _, _ = read(relaying, key, "chat")
-    assert text == "Run sk-upgrade, then sk-ups!sk-upload."
+    assert read(relaying, key, "chat")[0] == "Run sk-upgrade, then sk-ups!sk-upload."
 
 
+@pytest.mark.parametrize("field", ["text", "tool"])
 def test_an_ordinary_stream_goes_on_byte_for_byte(
-        scripted: ScriptedUpstream, relaying: Proxy, key: str) -> None:
-    """Text ending in fewer than HOLD first characters of the key (`sk-upstream-test`), or
-    holding more of them inside, is relayed as it came; events encoded as Python does (spaces,
-    `\\u` escapes) show any re-encoding."""
-    texts = ["Les clés", " of tasks", " we ask", " about sk-", "x and desk-unit, ", "done."]
-    events = [event({"content": t}, lambda v: json.dumps(v).encode()) for t in texts]
+        scripted: ScriptedUpstream, relaying: Proxy, key: str, field: str) -> None:
+    """Text or tool-call arguments ending in fewer than HOLD first characters of the key
+    (`sk-upstream-test`), or holding more of them inside, are relayed as they came; events
+    encoded as Python does (spaces, `\\u` escapes) show any re-encoding."""
+    pieces = ["Les clés", " of tasks", " we ask", " about sk-", "x and desk-unit, ", "done."]
+    def python(value: Any) -> bytes:
+        return json.dumps(value).encode()
+
+    events = [event(delta(field, p), python) for p in pieces]
+    assert b"\\u00e9" in events[0] and b'sk-"' in events[3]
+    if field == "tool":
+        events.insert(0, event(tool_call(0, '{"note": "'), python))
     events += [event({"content": ""}, usage=USAGE), b"data: [DONE]\n\n"]
 
     async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
@@ -221,7 +283,6 @@ def test_an_ordinary_stream_goes_on_byte_for_byte(
     scripted.reset(script)
     r = httpx.post(f"{relaying.url}/chat/completions", headers={"authorization": f"Bearer {key}"},
                    json={"model": MODEL, "messages": HELLO, "stream": True}, timeout=30)
-    assert b"\\u00e9" in events[0] and b'sk-"' in events[3]
     assert r.content == b"".join(events)
     row = relaying.row(r.headers["x-request-id"])
     assert (row["outcome"], row["prompt_tokens"], row["completion_tokens"]) == ("ok", 7, 3)
