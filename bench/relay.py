@@ -5,10 +5,11 @@ delivers them, provider-key scrubbing on (proxy/scrub.py).
     python bench/relay.py              # a few seconds
     python bench/relay.py --smoke      # once through, no numbers worth reading
 
-Cases: the chat surface relaying chunks as they came; the chat surface folding Magistral's
-thinking chunks (every event re-encoded); the Responses surface (every event rendered). Each
-with a Mistral-style key (32 random characters) and an `sk-` key, whose first character ends
-many English words and so sends more events down the slower path.
+Cases: the chat surface relaying chunks as they came; the same with the words streamed as
+one tool call's arguments; the chat surface folding Magistral's thinking chunks (every event
+re-encoded); the Responses surface (every event rendered). Each with a Mistral-style key
+(32 random characters) and an `sk-` key, whose first character ends many English words and so
+sends more events down the slower path.
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ HEAD = {"id": "cmpl-5b1c9a8e7d6f4e3a", "object": "chat.completion.chunk", "creat
 USAGE = {"prompt_tokens": 7, "completion_tokens": 19, "total_tokens": 26}
 
 
-def events(thinking: bool) -> list[list[sse.Event]]:
+def events(kind: str) -> list[list[sse.Event]]:
     def event(delta: dict[str, Any], **extra: Any) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": "stop" if extra else None}
         return b"data: " + orjson.dumps({**HEAD, "choices": [choice], **extra}) + b"\n\n"
 
     def piece(word: str) -> dict[str, Any]:
-        if thinking:
+        if kind == "thinking":
             return {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": word}]}]}
+        if kind == "tool":
+            return {"tool_calls": [{"index": 0, "function": {"arguments": word}}]}
         return {"content": word}
 
     raw = [event({"role": "assistant", "content": ""})]
@@ -59,8 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="run each case once")
     smoke = parser.parse_args().smoke
-    plain, thinking = events(False), events(True)
+    plain, tool, thinking = events("text"), events("tool"), events("thinking")
     cases = [("chat, as it came", plain, lambda: chat.ChatStream(False, False)),
+             ("chat, tool arguments", tool, lambda: chat.ChatStream(False, False)),
              ("chat, thinking folded", thinking, lambda: chat.ChatStream(False, False)),
              ("responses", plain, lambda: responses.ResponsesStream(responses.parse(
                  {"model": "m", "input": "hi", "stream": True}, {})))]
