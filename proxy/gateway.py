@@ -155,7 +155,7 @@ class Gateway:
         started = time.perf_counter()
         raw_headers = scope["headers"]
         headers = dict(raw_headers)  # for the headers that cannot repeat
-        request_id = "req_" + os.urandom(12).hex()
+        request_id = scope["euroute.request_id"] = "req_" + os.urandom(12).hex()
         reply_headers = [(b"x-request-id", request_id.encode())]
         module = SURFACES.get(endpoint)
         render = module.error if module is not None else EurouteError.render

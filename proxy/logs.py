@@ -138,8 +138,10 @@ def log_request(record: RequestRecord, failure: EurouteError | None = None) -> N
 def log_unauthorized(scope: Mapping[str, Any], reason: str) -> None:
     """The one line for a request refused with 401: why, from which address (the TCP peer: a
     load balancer's when there is one) and to what. Nothing of the key it presented, not even
-    its prefix. The path is cut short: an unauthenticated client must not make long lines."""
+    its prefix. The path is cut short: an unauthenticated client must not make long lines. The
+    request id, where the endpoint gave the request one (the model endpoints answer with it in
+    `x-request-id`)."""
     client = scope.get("client")
     _requests.warning("unauthorized", extra={"fields": {
-        "reason": reason, "client": client[0] if client else None,
+        "request_id": scope.get("euroute.request_id"), "reason": reason, "client": client[0] if client else None,
         "method": scope.get("method"), "path": str(scope.get("path", ""))[:200]}})

@@ -235,14 +235,19 @@ def test_refused_keys_are_logged_and_counted_but_never_shown(serve: Any, fake: F
         scraped = http.get("/metrics").text
     served.wait_for(ok.headers["x-request-id"])
     lines = [ln for ln in served.lines() if " unauthorized " in ln]
+    # The model endpoints' 401s carry the request id their answer names in x-request-id.
+    said = [f"request_id={r.headers['x-request-id']} " if "x-request-id" in r.headers else ""
+            for r in refused]
     assert [ln.split(" unauthorized ")[1] for ln in lines] == [
-        f"reason={reason} client=127.0.0.1 method={method} path={path}" for reason, method, path in [
+        f"{rid}reason={reason} client=127.0.0.1 method={method} path={path}"
+        for rid, (reason, method, path) in zip(said, [
             ("missing", "POST", "/v1/chat/completions"),
             ("invalid", "POST", "/v1/chat/completions"),
             ("invalid", "POST", "/v1/messages"),
             ("invalid", "GET", "/v1/audit/verify"),
             ("malformed", "POST", "/v1/chat/completions"),
-            ("invalid", "POST", "/ui/login")]]
+            ("invalid", "POST", "/ui/login")], strict=True)]
+    assert sum(bool(rid) for rid in said) == 4
     assert all(ln.split()[1] == "warning" for ln in lines)
     counted = {s.labels["reason"]: s.value
                for family in text_string_to_metric_families(scraped)

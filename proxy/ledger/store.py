@@ -74,6 +74,8 @@ def _records(batch: list[RequestRecord], sqlite: bool) -> list[tuple[Any, ...]]:
 
 
 class Store:
+    """The writer's connection(s) for intents and rows (the module docstring says which)."""
+
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         url = engine.url
@@ -105,7 +107,7 @@ class Store:
                 await conn.execute(insert(intents.intents), group)
 
     async def write_rows(self, rows: list[RequestRecord], writer_id: str, head: dict[str, Any],
-                   settled: list[str], key_use: dict[str, dt.datetime]) -> None:
+                         settled: list[str], key_use: dict[str, dt.datetime]) -> None:
         """In one transaction: the rows, the writer's new chain head, the deletion of the
         intents they settle, and when each key was last used."""
         if self.sqlite_path is not None:
