@@ -105,13 +105,13 @@ class TextScrub:
 
     def chunk(self, chunk: dict[str, Any]) -> bool:
         """Scrubs the chunk's texts in place; whether it changed them."""
-        choices = chunk.get("choices")
-        if type(choices) is not list:
+        choices = chunk.get("choices")  # a list of objects, or None (dialect.check_choices)
+        if not choices:
             return False
         touches = self._scrubber.touches
         changed = False
         for choice in choices:
-            delta = choice.get("delta") if type(choice) is dict else None
+            delta = choice.get("delta")
             if type(delta) is not dict:
                 continue
             for field in _TEXTS:
