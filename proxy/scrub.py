@@ -19,10 +19,17 @@ across events (`"... sk-ab"`, then `"c123 ..."`) passes a scrub of each event on
 
 Texts are scrubbed as the client reads them, decoded, so no JSON escape hides a key. Nearly
 every event's texts hold no part of a key: such an event goes on as it came, not re-encoded.
+
+Whole keys are looked for in the bytes that go out, in any field: as written, JSON-escaped, and
+spelt with JSON's `\\u00XX` (or `\\/`) escapes for any of their characters, which a client
+decodes back into the key. Bytes with such an escape are searched decoded that far; only when
+a key is found there do they go out so, with the mark (still the same JSON: only printable
+characters other than `"` and `\\` are decoded).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,6 +41,17 @@ MARK = "[redacted]"
 HOLD = 4  # the shortest start of a key held back; a shorter one may reach the client
 _TEXTS = ("content", "reasoning_content")
 _NOTHING = ("", 0)
+# An escaped backslash (kept, so that what follows it is not read as an escape), `\/`, or a
+# printable ASCII character as `\u00XX`.
+_ESCAPE = re.compile(rb"\\(?:u00([2-7][0-9a-fA-F])|[/\\])")
+
+
+def _decoded(match: re.Match[bytes]) -> bytes:
+    code = match.group(1)
+    if code is None:
+        return b"/" if match.group() == b"\\/" else match.group()
+    char = int(code, 16)
+    return match.group() if char in (0x22, 0x5C) else bytes((char,))
 
 
 class Scrubber:
@@ -50,6 +68,15 @@ class Scrubber:
         self._secrets = tuple(sorted(forms, key=len, reverse=True))
 
     def __call__(self, raw: bytes) -> bytes:
+        raw = self._replaced(raw)
+        if self._secrets and _ESCAPE.search(raw) is not None:
+            decoded = _ESCAPE.sub(_decoded, raw)
+            marked = self._replaced(decoded)
+            if marked is not decoded:
+                return marked
+        return raw
+
+    def _replaced(self, raw: bytes) -> bytes:
         for secret in self._secrets:
             if secret in raw:
                 raw = raw.replace(secret, self.MARK)

@@ -27,6 +27,7 @@ from sqlalchemy.pool import NullPool
 from proxy.cli import main
 from proxy.ledger.chain import pseudonym
 from proxy.ledger.db import make_engine
+from proxy.ledger.store import Store
 from proxy.ledger.tables import dead_letters, intents, ledger
 from proxy.ledger.writer import Writer
 from tests.conftest import (
@@ -431,3 +432,74 @@ def test_recovery_leaves_a_live_writers_intents_and_takes_a_dead_ones(fresh_url:
         "outcome_unknown", 0, True, "open-intent")
     assert row.route == "mistral-eu-magistral-small" and row.policy == "eu-standard"
     assert '"recovered_by"' in row.decision
+
+
+async def _outage(url: str) -> tuple[Writer, list[Any], list[Any], int]:
+    """Two writers lose the database for longer than the grace period. The first gets it back
+    and beats; the second, still cut off (its writes hang), has an answered row and its intent
+    waiting. It gets through a moment later: its row is written as answered, not claimed."""
+    engine = make_engine(url, poolclass=NullPool)
+    down = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none")
+    try:
+        first = Writer(engine, heartbeat_s=0.05, grace_s=1.0)
+        second = Writer(engine, heartbeat_s=0.05, grace_s=1.0)
+        first.start()
+        second.start()
+        answered, stranded = made_row("cut-off"), made_row("cut-off-for-good")
+        await second.begin(answered, {"result": "allow"}, True)
+        await second.begin(stranded, {"result": "allow"}, True)
+        reachable = asyncio.Event()
+        for step in ("_beat", "_flush"):
+            real = getattr(second, step)
+
+            async def cut_off(real: Any = real) -> None:
+                await reachable.wait()
+                await real()
+            setattr(second, step, cut_off)
+        second.submit(answered)
+        healthy = first.engine, first.store
+        first.engine, first.store = down, Store(down)
+        await asyncio.sleep(1.5)  # both silent for longer than the grace period
+        assert first.failures > 0
+        first.engine, first.store = healthy
+        await _soon(lambda: not first._failing, "the first write since the outage")
+        await asyncio.sleep(0.2)  # four of its heartbeats
+        taken_on_return = first.recovered
+        reachable.set()
+        await _soon(lambda: second.pending == 0, "the second writer's row")
+        for task in second._tasks.values():  # the second writer dies before `stranded` is booked
+            task.cancel()
+        await second.store.close()
+        # a grace period after the database came back
+        await _soon(lambda: first.recovered > 0, "the stranded intent's recovery")
+        await first.close()
+        rows = []
+        for row in (answered, stranded):
+            rows.append(await _rows_of(engine, row.request_id))
+        letters = await _count(url, dead_letters)
+        return first, rows[0], rows[1], taken_on_return + letters
+    finally:
+        await engine.dispose()
+        await down.dispose()
+
+
+async def _soon(check: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.01)
+
+
+async def _rows_of(engine: Any, request_id: str) -> list[Any]:
+    async with engine.connect() as conn:
+        return list((await conn.execute(select(ledger).where(
+            ledger.c.request_id == request_id))).all())
+
+
+def test_an_outage_makes_no_live_writer_look_dead(fresh_url: str) -> None:
+    first, answered, stranded, wrongly_taken = run(_outage(fresh_url))
+    assert wrongly_taken == 0
+    assert [(r.outcome, r.usage_missing, r.prompt_tokens) for r in answered] == [
+        ("ok", False, 10)]
+    assert [(r.outcome, r.app) for r in stranded] == [("outcome_unknown", "cut-off-for-good")]
+    assert first.recovered == 1

@@ -232,8 +232,8 @@ def test_redirects_are_never_followed(up: ScriptedUpstream, hostile: Proxy, key:
     assert len(up.requests) == 1
 
 
-def _echo(status: int, shape: str) -> Any:
-    """An upstream that echoes the Authorization header it received."""
+def _echo(status: int, shape: str, spell: Any = None) -> Any:
+    """An upstream that echoes the Authorization header it received (spelt by `spell`)."""
     async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
         auth = next(line.split(b":", 1)[1].strip().decode() for line in request.head.split(b"\r\n")
                     if line.lower().startswith(b"authorization:"))
@@ -245,7 +245,8 @@ def _echo(status: int, shape: str) -> Any:
                     "param": auth, "code": auth}
         else:
             body = {"detail": [{"loc": ["header", auth], "msg": f"echo {auth}"}]}
-        writer.write(response(status, orjson.dumps(body)))
+        raw = orjson.dumps(body)
+        writer.write(response(status, spell(raw) if spell else raw))
         await writer.drain()
         return True
     return script
@@ -260,6 +261,45 @@ def test_echoed_provider_key_never_reaches_the_client(
     assert UPSTREAM_KEY not in r.text and "[redacted]" in r.text
     row = hostile.row(r.headers["x-request-id"])
     assert UPSTREAM_KEY not in str(row.values())
+
+
+def _spelt(key: str) -> bytes:
+    """`key` as JSON may spell it: every other character a `\\u00XX` escape, upper-case hex."""
+    return "".join(f"\\u{ord(c):04X}" if i % 2 else c for i, c in enumerate(key)).encode()
+
+
+@pytest.mark.parametrize(("status", "shape"), [(200, "answer"), (422, "message")])
+def test_echoed_provider_key_spelt_in_escapes_never_reaches_the_client(
+        up: ScriptedUpstream, hostile: Proxy, key: str, status: int, shape: str) -> None:
+    up.script = _echo(status, shape, lambda raw: raw.replace(UPSTREAM_KEY.encode(),
+                                                             _spelt(UPSTREAM_KEY)))
+    r = post(hostile, key)
+    assert r.status_code == status
+    assert UPSTREAM_KEY not in str(r.json()) and "[redacted]" in str(r.json())
+    assert UPSTREAM_KEY not in str(hostile.row(r.headers["x-request-id"]).values())
+
+
+def test_escaped_key_in_any_field_of_a_stream_event_is_scrubbed(
+        up: ScriptedUpstream, hostile: Proxy, key: str) -> None:
+    """Not a text the stream scrub follows (the chunk's `id`): the whole-key scrub of the bytes
+    that go out finds it decoded. An escaped backslash before `u0073` is not an escape: that
+    event goes on as it came."""
+    literal = b'"id":"\\\\u0073' + UPSTREAM_KEY[1:].encode() + b'"'
+    events = sse_events()
+    events[0] = events[0].replace(b'"id":"cmpl-1"', b'"id":"' + _spelt(UPSTREAM_KEY) + b'"')
+    events[1] = events[1].replace(b'"id":"cmpl-1"', literal)
+
+    async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(sse_head() + b"".join(chunk(e) for e in events) + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up.script = script
+    r = post(hostile, key, stream=True)
+    data = [orjson.loads(line[6:]) for line in r.text.splitlines()
+            if line.startswith("data: {")]
+    assert [d["id"] for d in data] == ["[redacted]", "\\u0073" + UPSTREAM_KEY[1:]]
+    assert literal in r.content and r.text.rstrip().endswith("data: [DONE]")
 
 
 def test_usage_under_an_escaped_field_name_is_booked(up: ScriptedUpstream, hostile: Proxy,

@@ -4,19 +4,23 @@ route, which speaks OpenAI's dialect, end to end."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
 import openai
+import orjson
 import pytest
 
 from proxy.cli import main
 from tests.conftest import Proxy, copy_policies, proxy_settings
 from tests.fake_mistral import FakeMistral
 from tests.fake_openai import FakeOpenAI
+from tests.scripted import Request, ScriptedUpstream, chunk, sse_head
 from tests.test_vision import PNG
 
 MODEL = "magistral-small-2509"
@@ -149,3 +153,64 @@ def test_a_route_without_vision_is_not_chosen_for_images(
         assert {"route": "selfhosted-eu-magistral-small", "requirement": "capabilities",
                 "message": "route lacks vision"} in reasons
         assert len(fake.received) == before
+
+
+def interleaved_calls() -> list[bytes]:
+    """Two tool calls whose arguments arrive in turns (a chat client joins them by `index`),
+    then text after both opened."""
+    deltas: list[dict[str, Any]] = [
+        {"role": "assistant", "content": ""},
+        {"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                         "function": {"name": "weather", "arguments": '{"city": '}}]},
+        {"tool_calls": [{"index": 1, "id": "call_b", "type": "function",
+                         "function": {"name": "clock", "arguments": '{"zone": '}}]},
+        {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+        {"tool_calls": [{"index": 1, "function": {"arguments": '"CET"}'}}]},
+        {"content": "Asking both."}]
+    events = [{"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+               "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    events[-1]["choices"][0]["finish_reason"] = "tool_calls"
+    events[-1]["usage"] = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+
+
+@pytest.fixture(scope="module")
+def interleaving(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    async def script(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(sse_head() + b"".join(chunk(e) for e in interleaved_calls()) + b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    with ScriptedUpstream() as upstream, pytest.MonkeyPatch.context() as env:
+        upstream.script = script
+        env.setenv("MISTRAL_BASE_URL", upstream.url)
+        policy_dir = copy_policies(Path(tmp_path_factory.mktemp("interleaving")))
+        with Proxy(proxy_settings(db_url, policy_dir)) as server:
+            yield server
+
+
+def test_interleaved_tool_calls_reach_each_sdk_whole(interleaving: Proxy) -> None:
+    """Each call's arguments end up in its own block (Messages) or item (Responses), as the
+    SDKs' own stream accumulators read them; text opened while the calls are open takes an
+    output index of its own."""
+    key = interleaving.key("interleaving-app")
+    with anthropic.Anthropic(base_url=interleaving.origin, api_key=key) as claude:
+        with claude.messages.stream(model=MODEL, max_tokens=50, messages=HELLO) as stream:
+            message = stream.get_final_message()
+    assert [(b.type, getattr(b, "name", None), getattr(b, "input", None))
+            for b in message.content] == [("tool_use", "weather", {"city": "Paris"}),
+                                          ("tool_use", "clock", {"zone": "CET"}),
+                                          ("text", None, None)]
+    assert message.content[2].text == "Asking both."  # type: ignore[union-attr]
+    assert message.stop_reason == "tool_use"
+
+    with openai.OpenAI(base_url=interleaving.url, api_key=key) as client:
+        with client.responses.stream(model=MODEL, input="Hello") as events:
+            added = [e.output_index for e in events if e.type == "response.output_item.added"]
+            response = events.get_final_response()
+    assert added == [0, 1, 2]
+    assert [(o.type, getattr(o, "name", None), getattr(o, "arguments", None))
+            for o in response.output] == [("function_call", "weather", '{"city": "Paris"}'),
+                                          ("function_call", "clock", '{"zone": "CET"}'),
+                                          ("message", None, None)]
+    assert response.output_text == "Asking both."

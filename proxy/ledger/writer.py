@@ -14,7 +14,11 @@ When the database takes rows more slowly than requests bring them, new requests 
 Durability (README, Ledger): before a request is forwarded, `begin()` commits an intent for
 it; requests arriving together share one commit. The batch that writes the row deletes the
 intent. Every writer heartbeats its chain head, and takes over the intents of writers silent
-for longer than `grace_s` (a crashed process): each becomes an `outcome_unknown` row.
+for longer than `grace_s` (a crashed process): each becomes an `outcome_unknown` row. A writer
+that could not reach the database either claims nothing until it has reached it for `grace_s`
+again: an outage silences every writer, and the live ones need that long (retries back off to
+5 s at most) to beat again before they look dead; claimed, their answered rows would meet the
+claimer's `outcome_unknown` rows as duplicates.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import sqlite3
 import time
 import uuid
@@ -97,6 +102,7 @@ class Writer:
         self.backlog_rows = 4 * batch_size  # more waiting than this, and new requests wait
         self.waits = 0
         self._failing = False
+        self._back_at = -math.inf  # when the database last answered again after failing
         self._progress = asyncio.Event()
         self._buffer: deque[RequestRecord] = deque()
         self._key_use: dict[str, dt.datetime] = {}
@@ -263,6 +269,8 @@ class Writer:
         while True:
             try:
                 await step()
+                if self._failing:
+                    self._back_at = time.monotonic()
                 self._failing = False
                 return
             except Exception as exc:
@@ -382,7 +390,8 @@ class Writer:
                 self._erasure_seen = eid
             await conn.execute(update(chains).where(chains.c.writer_id == self.writer_id)
                                .values(updated_at=now, erasure_seen=self._erasure_seen))
-            if self.durable:
+            if (self.durable and not self._failing
+                    and time.monotonic() - self._back_at >= self.grace_s):
                 await self._recover(conn, now - dt.timedelta(seconds=self.grace_s))
         if time.monotonic() >= self._next_anchor:
             self._publish()

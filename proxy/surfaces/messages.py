@@ -257,7 +257,7 @@ class MessagesStream(ChunkStream):
         self.exchange = exchange
         self.block: str | None = None  # the open block's type
         self.index = -1
-        self.calls: set[int] = set()
+        self.calls: dict[int, int] = {}  # chat tool-call index -> its tool_use block's index
 
     def begin(self) -> bytes:
         message = {"id": self.exchange.id, "type": "message", "role": "assistant",
@@ -279,9 +279,10 @@ class MessagesStream(ChunkStream):
         self.block = None
         return sse("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
-    def _delta(self, delta: dict[str, Any]) -> bytes:
-        return sse("content_block_delta", {"type": "content_block_delta", "index": self.index,
-                                           "delta": delta})
+    def _delta(self, delta: dict[str, Any], index: int | None = None) -> bytes:
+        return sse("content_block_delta", {
+            "type": "content_block_delta", "index": self.index if index is None else index,
+            "delta": delta})
 
     def thinking(self, text: str) -> bytes:
         out = b""
@@ -297,12 +298,16 @@ class MessagesStream(ChunkStream):
         index = call.get("index", len(self.calls))
         function = call.get("function") or {}
         out = b""
-        if index not in self.calls:
-            self.calls.add(index)
+        block = self.calls.get(index)
+        if block is None:
             out = self._open("tool_use", {"type": "tool_use", "id": call.get("id") or f"toolu_{index}",
                                           "name": function.get("name") or "", "input": {}})
+            block = self.calls[index] = self.index
         if isinstance(function.get("arguments"), str) and function["arguments"]:
-            out += self._delta({"type": "input_json_delta", "partial_json": function["arguments"]})
+            # A call's arguments go to its own block, also when the upstream interleaves calls
+            # (never seen from a provider; a block is not reopened, so the delta follows its stop).
+            out += self._delta({"type": "input_json_delta", "partial_json": function["arguments"]},
+                               block)
         return out
 
     def close(self) -> bytes:

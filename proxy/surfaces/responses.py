@@ -275,7 +275,8 @@ class ResponsesStream(ChunkStream):
         super().__init__()
         self.exchange = exchange
         self.seq = 0
-        self.output: list[dict[str, Any]] = []  # finished items
+        self.added = 0  # output items added so far: the next one's output_index
+        self.output: dict[int, dict[str, Any]] = {}  # finished items by output_index
         self.open: dict[str, Any] | None = None  # the item being streamed
         self.calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> open item
 
@@ -298,7 +299,7 @@ class ResponsesStream(ChunkStream):
         if self.open is not None and self.open["type"] == kind:
             return b""
         out = self._close_open()
-        index = len(self.output)
+        index = self._add()
         item_id = _id("rs" if kind == "reasoning" else "msg")
         self.open = {"type": kind, "id": item_id, "index": index, "text": ""}
         if kind == "reasoning":
@@ -335,7 +336,7 @@ class ResponsesStream(ChunkStream):
             out = self._event("response.output_text.done", **where, text=item["text"],
                               logprobs=[])
         out += self._event("response.content_part.done", **where, part=done["content"][0])
-        self.output.append(done)
+        self.output[item["index"]] = done
         return out + self._event("response.output_item.done", output_index=item["index"],
                                  item=done)
 
@@ -348,7 +349,7 @@ class ResponsesStream(ChunkStream):
             out += self._close_open()
             item = _call(_id("fc"), call.get("id") or _id("call"), function.get("name") or "",
                          "", "in_progress")
-            item["output_index"] = len(self.output) + len(self.calls)
+            item["output_index"] = self._add()
             self.calls[index] = item
             added = {k: v for k, v in item.items() if k != "output_index"}
             out += self._event("response.output_item.added", output_index=item["output_index"],
@@ -369,20 +370,27 @@ class ResponsesStream(ChunkStream):
                                output_index=index, name=item["name"],
                                arguments=item["arguments"])
             out += self._event("response.output_item.done", output_index=index, item=done)
-            self.output.append(done)
+            self.output[index] = done
         self.calls = {}
         return out
+
+    def _add(self) -> int:
+        self.added += 1
+        return self.added - 1
+
+    def _finished(self) -> list[dict[str, Any]]:
+        return [self.output[index] for index in sorted(self.output)]
 
     def close(self) -> bytes:
         out = self.opened() + self._close_open() + self._close_calls()
         if self.finish == "length":
-            final = self.exchange.response("incomplete", self.output, self.usage)
+            final = self.exchange.response("incomplete", self._finished(), self.usage)
             return out + self._event("response.incomplete", response=final)
-        final = self.exchange.response("completed", self.output, self.usage)
+        final = self.exchange.response("completed", self._finished(), self.usage)
         return out + self._event("response.completed", response=final)
 
     def fail(self, exc: EurouteError) -> bytes:
         out = self.opened()
-        failed = self.exchange.response("failed", self.output, self.usage,
+        failed = self.exchange.response("failed", self._finished(), self.usage,
                                         error={"code": "server_error", "message": exc.message})
         return out + self._event("response.failed", response=failed)
