@@ -4,6 +4,7 @@ database refuses, a writer task that dies, an erasure while rows are still buffe
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import secrets
@@ -24,11 +25,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.pool import NullPool
 
+from proxy import keys
 from proxy.cli import main
 from proxy.ledger.chain import pseudonym
 from proxy.ledger.db import make_engine
 from proxy.ledger.store import Store
-from proxy.ledger.tables import dead_letters, intents, ledger
+from proxy.ledger.tables import api_keys, dead_letters, intents, ledger
 from proxy.ledger.writer import Writer
 from tests.conftest import (
     PSEUDONYM_KEY,
@@ -222,6 +224,39 @@ def test_a_writer_task_that_dies_is_reported_and_restarted(
     assert writer.restarts == 1 and writer.written == 1
     assert any("task died" in r.getMessage() and r.exc_info for r in caplog.records)
     assert len(run(ledger_rows(fresh_url, ledger.c.app == "after-restart"))) == 1
+
+
+async def _key_used_mid_request(url: str) -> tuple[Writer, list[Any]]:
+    """A key is used, and the writer's heartbeat comes before the request's row does."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        _, key = await keys.create(engine, app="slow-app", policy="eu-standard", role="app",
+                                   actor="cli")
+        writer = Writer(engine, heartbeat_s=0.05)
+        writer.start()
+        writer.key_used(key.id, dt.datetime.now(dt.UTC))
+        deadline = time.monotonic() + 10
+        while await _last_used(engine, key.id) is None:
+            assert time.monotonic() < deadline, "the key's use never written"
+            await asyncio.sleep(0.01)
+        row = made_row("slow-app")
+        writer.submit(row)  # the request ends
+        await writer.close()
+        return writer, await _rows_of(engine, row.request_id)
+    finally:
+        await engine.dispose()
+
+
+async def _last_used(engine: Any, key_id: str) -> Any:
+    async with engine.connect() as conn:
+        return (await conn.execute(select(api_keys.c.last_used_at)
+                                   .where(api_keys.c.id == key_id))).scalar_one()
+
+
+def test_a_key_used_before_its_row_is_written_alone(fresh_url: str) -> None:
+    writer, rows = run(_key_used_mid_request(fresh_url))
+    assert writer.restarts == 0 and writer.written == 1
+    assert [(r.seq, r.outcome) for r in rows] == [(1, "ok")]
 
 
 # -- erasure while rows are buffered ----------------------------------------------------------

@@ -184,6 +184,8 @@ def interleaving(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     with ScriptedUpstream() as upstream, pytest.MonkeyPatch.context() as env:
         upstream.script = script
         env.setenv("MISTRAL_BASE_URL", upstream.url)
+        for name in ("SELFHOSTED_BASE_URL", "SELFHOSTED_API_KEY"):  # only the Mistral route
+            env.delenv(name, raising=False)
         policy_dir = copy_policies(Path(tmp_path_factory.mktemp("interleaving")))
         with Proxy(proxy_settings(db_url, policy_dir)) as server:
             yield server

@@ -119,11 +119,11 @@ class Store:
                 ("key_use", [(_text(w), k) for k, w in key_use.items()]))
             return
         async with self.engine.begin() as conn:
-            if self.asyncpg:
+            if rows and self.asyncpg:
                 raw = (await conn.get_raw_connection()).driver_connection
                 await raw.copy_records_to_table(  # type: ignore[union-attr]
                     "ledger", columns=COLUMNS, records=_records(rows, sqlite=False))
-            else:
+            elif rows:
                 await conn.execute(insert(ledger), [row.as_dict() for row in rows])
             await conn.execute(update(chains).where(chains.c.writer_id == writer_id)
                                .values(**head))

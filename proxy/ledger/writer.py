@@ -295,12 +295,14 @@ class Writer:
         except Exception as exc:
             if is_outage(exc):
                 raise
-            if len(rows) == 1:
-                await self._dead_letter(rows[0], exc)
-            else:
+            if len(rows) > 1:
                 half = len(rows) // 2
                 await self._write_or_isolate(rows[:half])
                 await self._write_or_isolate(rows[half:])
+            elif rows:
+                await self._dead_letter(rows[0], exc)
+            else:  # the keys' last use alone: no row to set aside
+                raise
             return
         self.written += len(rows)
         self.batches += 1
@@ -335,15 +337,17 @@ class Writer:
         now = dt.datetime.now(dt.UTC)
         used, self._key_use = self._key_use, {}
         done = [r.request_id for r in rows if r.request_id in self._intended]
+        # No rows when only keys were used since the last batch (their requests still running).
+        seq, last = (rows[-1].seq or 0, rows[-1].row_hash or GENESIS) if rows else (
+            self.seq, self.last_hash)
         try:
-            await self.store.write_rows(
-                rows, self.writer_id, self._head(rows[-1].seq or 0, rows[-1].row_hash or GENESIS,
-                                                 now), done, used)
+            await self.store.write_rows(rows, self.writer_id, self._head(seq, last, now), done,
+                                        used)
         except BaseException:
             for k, w in used.items():
                 self._key_use.setdefault(k, w)
             raise
-        self.seq, self.last_hash = rows[-1].seq or 0, rows[-1].row_hash or GENESIS
+        self.seq, self.last_hash = seq, last
 
     async def _dead_letter(self, row: RequestRecord, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}".replace("\x00", "\\0")[:500]
