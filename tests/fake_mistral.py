@@ -227,10 +227,14 @@ class FakeMistral:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         self.received.append(ReceivedRequest(scope["method"], scope["path"], headers, parsed, raw))
 
-        if delay := self._take("_delay", 0.0):
-            await asyncio.sleep(delay)
+        # Faults armed for the next request are taken as it arrives: a request still delayed
+        # when its test ended must not take the next test's.
         with self._lock:
             failure = self._failures.popleft() if self._failures else None
+        script = self._take("_script", None) if failure is None \
+            and scope["path"].endswith("/chat/completions") else None
+        if delay := self._take("_delay", 0.0):
+            await asyncio.sleep(delay)
         if failure is not None:
             await sandbox.send_json(send, *failure)
             return
@@ -244,8 +248,6 @@ class FakeMistral:
             replayed = True
             return {"type": "http.request", "body": raw, "more_body": False}
 
-        script = self._take("_script", None) if scope["path"].endswith("/chat/completions") \
-            else None
         if script is not None:
             # The upstream still validates the request; a valid one gets the scripted answer.
             await self._app(scope, replay, _Scripted(self, send, script, parsed).send)
