@@ -69,7 +69,7 @@ class Scrubber:
 
     def __call__(self, raw: bytes) -> bytes:
         raw = self._replaced(raw)
-        if self._secrets and _ESCAPE.search(raw) is not None:
+        if self._secrets and b"\\" in raw and _ESCAPE.search(raw) is not None:
             decoded = _ESCAPE.sub(_decoded, raw)
             marked = self._replaced(decoded)
             if marked is not decoded:
