@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from proxy import __version__, audit, openapi, ui
 from proxy.access import error_response
+from proxy.asgi import new_request_id
 from proxy.errors import EurouteError, NotFound
 from proxy.gateway import SURFACES, Gateway, missing_credentials
 from proxy.keys import KeyCache
@@ -60,10 +61,20 @@ class Euroute:
         self.state = starlette.state
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and (name := FAST.get((scope["method"], scope["path"]))):
+        if scope["type"] != "http":
+            await self.starlette(scope, receive, send)
+        elif name := FAST.get((scope["method"], scope["path"])):
             await getattr(self.state.gateway, name)(scope, receive, send)
         else:
-            await self.starlette(scope, receive, send)
+            # Audit, admin, UI: an id in the answer and the log too (a 401, a 500).
+            scope["euroute.request_id"] = request_id = new_request_id()
+            header = (b"x-request-id", request_id.encode())
+
+            async def send_with_id(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", ()), header]
+                await send(message)
+            await self.starlette(scope, receive, send_with_id)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -80,7 +91,8 @@ async def _euroute_error(request: Request, exc: Exception) -> Response:
 
 
 async def _server_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s %s (%s)", request.method, request.url.path,
+                  request.scope.get("euroute.request_id"))
     return error_response(EurouteError("internal error; the request id is in x-request-id"))
 
 

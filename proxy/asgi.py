@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,11 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 JSON = (b"content-type", b"application/json")
 SSE = (b"content-type", b"text/event-stream")
+
+
+def new_request_id() -> str:
+    """A new request's id: in its `x-request-id`, its log lines and its ledger row."""
+    return "req_" + os.urandom(12).hex()
 
 
 async def send_json(send: Send, status: int, body: bytes,

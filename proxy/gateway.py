@@ -30,6 +30,7 @@ from proxy.asgi import (
     Scope,
     Send,
     header_values,
+    new_request_id,
     read_body,
     send_error,
     send_json,
@@ -155,7 +156,7 @@ class Gateway:
         started = time.perf_counter()
         raw_headers = scope["headers"]
         headers = dict(raw_headers)  # for the headers that cannot repeat
-        request_id = scope["euroute.request_id"] = "req_" + os.urandom(12).hex()
+        request_id = scope["euroute.request_id"] = new_request_id()
         reply_headers = [(b"x-request-id", request_id.encode())]
         module = SURFACES.get(endpoint)
         render = module.error if module is not None else EurouteError.render
