@@ -484,13 +484,7 @@ async def _outage(url: str) -> tuple[Writer, list[Any], list[Any], int]:
         await second.begin(answered, {"result": "allow"}, True)
         await second.begin(stranded, {"result": "allow"}, True)
         reachable = asyncio.Event()
-        for step in ("_beat", "_flush"):
-            real = getattr(second, step)
-
-            async def cut_off(real: Any = real) -> None:
-                await reachable.wait()
-                await real()
-            setattr(second, step, cut_off)
+        _held(second, ("_beat", "_flush"), reachable)
         second.submit(answered)
         healthy = first.engine, first.store
         first.engine, first.store = down, Store(down)
@@ -538,3 +532,48 @@ def test_an_outage_makes_no_live_writer_look_dead(fresh_url: str) -> None:
         ("ok", False, 10)]
     assert [(r.outcome, r.app) for r in stranded] == [("outcome_unknown", "cut-off-for-good")]
     assert first.recovered == 1
+
+
+def _held(writer: Writer, steps: tuple[str, ...], until: asyncio.Event) -> None:
+    """The writer's database steps hang until `until` is set, as when the database is cut off."""
+    for step in steps:
+        real = getattr(writer, step)
+
+        async def held(real: Any = real) -> None:
+            await until.wait()
+            await real()
+        setattr(writer, step, held)
+
+
+async def _claimed_then_booked(url: str) -> tuple[Writer, list[Any], int]:
+    """A writer cut off from the database for longer than the grace period, alone: another
+    claims its intent, and before that one's `outcome_unknown` row is written, the first gets
+    through with the answered row."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        cut_off = Writer(engine, heartbeat_s=0.05, grace_s=0.5)
+        claimer = Writer(engine, heartbeat_s=0.05, grace_s=0.5)
+        cut_off.start()
+        row = made_row("cut-off-alone")
+        await cut_off.begin(row, {"result": "allow"}, True)
+        back, claimer_writes = asyncio.Event(), asyncio.Event()
+        _held(cut_off, ("_beat", "_flush"), back)
+        cut_off.submit(row)
+        _held(claimer, ("_flush",), claimer_writes)
+        claimer.start()
+        await _soon(lambda: claimer.recovered == 1, "the claim")
+        back.set()
+        await _soon(lambda: cut_off.pending == 0, "the answered row")
+        claimer_writes.set()
+        await _soon(lambda: claimer.pending == 0, "the claimer's flush")
+        await cut_off.close()
+        await claimer.close()
+        return claimer, await _rows_of(engine, row.request_id), await _count(url, dead_letters)
+    finally:
+        await engine.dispose()
+
+
+def test_a_recovered_row_gives_way_to_the_answered_one(fresh_url: str) -> None:
+    claimer, rows, letters = run(_claimed_then_booked(fresh_url))
+    assert [(r.outcome, r.prompt_tokens, r.app) for r in rows] == [("ok", 10, "cut-off-alone")]
+    assert letters == 0 and claimer.dead_letters == 0 and claimer.written == 0

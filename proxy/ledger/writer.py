@@ -46,7 +46,7 @@ from proxy.ledger.anchors import AnchorSink
 from proxy.ledger.chain import DEV_KEYRING, GENESIS, Keyring, head_mac, record_hash
 from proxy.ledger.record import FIELDS, RequestRecord
 from proxy.ledger.store import Store
-from proxy.ledger.tables import chains, dead_letters, erasures
+from proxy.ledger.tables import chains, dead_letters, erasures, ledger
 
 log = logging.getLogger("euroute.ledger")
 
@@ -116,6 +116,7 @@ class Writer:
         self._intents: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._intent_wake = asyncio.Event()
         self._intended: set[str] = set()  # request ids whose intent is committed
+        self._recovering: set[str] = set()  # request ids of the recovered rows not yet written
         self._erased: dict[str, dt.datetime] = {}  # pseudonym -> when its erasure was asked
         self._erasure_seen = 0
         self._next_anchor = 0.0
@@ -299,6 +300,8 @@ class Writer:
                 half = len(rows) // 2
                 await self._write_or_isolate(rows[:half])
                 await self._write_or_isolate(rows[half:])
+            elif rows and await self._booked_already(rows[0]):
+                self._settled(rows)
             elif rows:
                 await self._dead_letter(rows[0], exc)
             else:  # the keys' last use alone: no row to set aside
@@ -308,10 +311,24 @@ class Writer:
         self.batches += 1
         self._settled(rows)
 
+    async def _booked_already(self, row: RequestRecord) -> bool:
+        """Whether a recovered row was refused because the request's own writer, only cut off
+        when this one claimed its intent, has booked it since: its answered row stands."""
+        if row.request_id not in self._recovering:
+            return False
+        async with self.engine.connect() as conn:
+            booked = (await conn.execute(select(ledger.c.id).where(
+                ledger.c.request_id == row.request_id))).first() is not None
+        if booked:
+            log.warning("ledger: request %s was booked by its own writer after all; its "
+                        "recovered outcome_unknown row is dropped", row.request_id[:40])
+        return booked
+
     def _settled(self, rows: list[RequestRecord]) -> None:
         for row in rows:
             self._buffer.popleft()
             self._intended.discard(row.request_id)
+            self._recovering.discard(row.request_id)
         self._oldest_waiting = time.monotonic() if self._buffer else None
         self._progress.set()
 
@@ -403,6 +420,7 @@ class Writer:
     async def _recover(self, conn: AsyncConnection, silent_since: dt.datetime) -> None:
         for row in await intents.claim(conn, self.writer_id, silent_since):
             self._intended.add(row.request_id)
+            self._recovering.add(row.request_id)
             self.recovered += 1
             self.submit(row)
 
