@@ -139,9 +139,9 @@ def log_unauthorized(scope: Mapping[str, Any], reason: str) -> None:
     """The one line for a request refused with 401: why, from which address (the TCP peer: a
     load balancer's when there is one) and to what. Nothing of the key it presented, not even
     its prefix. The path is cut short: an unauthenticated client must not make long lines. The
-    request id, where the endpoint gave the request one (the model endpoints answer with it in
-    `x-request-id`)."""
+    request id is the one the answer names in `x-request-id`."""
     client = scope.get("client")
     _requests.warning("unauthorized", extra={"fields": {
-        "request_id": scope.get("euroute.request_id"), "reason": reason, "client": client[0] if client else None,
-        "method": scope.get("method"), "path": str(scope.get("path", ""))[:200]}})
+        "request_id": scope.get("euroute.request_id"), "reason": reason,
+        "client": client[0] if client else None, "method": scope.get("method"),
+        "path": str(scope.get("path", ""))[:200]}})

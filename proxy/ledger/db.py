@@ -12,6 +12,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from proxy.settings import bundled
 
+# Every SQLite connection: WAL lets readers (audit queries) run while the writer appends, and a
+# commit survives the process being killed (synchronous=NORMAL); a locked database is waited for.
+SQLITE_PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL",
+                  "PRAGMA busy_timeout=10000")
+
 
 def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
     # Errors must not carry row values (pseudonyms, references) into logs.
@@ -20,10 +25,8 @@ def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cursor = dbapi_conn.cursor()
-            # WAL lets readers (audit queries) run while the writer appends.
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
+            for pragma in SQLITE_PRAGMAS:
+                cursor.execute(pragma)
             cursor.close()
     return engine
 

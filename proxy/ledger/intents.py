@@ -1,9 +1,9 @@
 """Intents: what the ledger knows of a request before it is forwarded, committed so that a
 crash during forwarding still leaves evidence (README, The ledger: durability).
 
-The writer commits them (group commit, proxy/ledger/store.py), deletes each with its row, and at every heartbeat
-claims those of writers silent for longer than the grace period; `claim` turns them into
-`outcome_unknown` records.
+The writer commits them (group commit, proxy/ledger/store.py), deletes each with its row,
+and at every heartbeat claims those of writers silent for longer than the grace period;
+`claim` turns them into `outcome_unknown` records.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from sqlalchemy import Date, bindparam, insert, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from proxy.ledger import intents
+from proxy.ledger.db import SQLITE_PRAGMAS
 from proxy.ledger.record import RequestRecord
 from proxy.ledger.tables import UTCDateTime, api_keys, chains, ledger
 
@@ -159,9 +160,8 @@ class Store:
         if self._sqlite is None:
             conn = sqlite3.connect(str(self.sqlite_path), isolation_level=None,
                                    check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
+            for pragma in SQLITE_PRAGMAS:
+                conn.execute(pragma)
             self._sqlite = conn
         return self._sqlite
 

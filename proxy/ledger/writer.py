@@ -116,7 +116,6 @@ class Writer:
         self._intents: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._intent_wake = asyncio.Event()
         self._intended: set[str] = set()  # request ids whose intent is committed
-        self._recovering: set[str] = set()  # request ids of the recovered rows not yet written
         self._erased: dict[str, dt.datetime] = {}  # pseudonym -> when its erasure was asked
         self._erasure_seen = 0
         self._next_anchor = 0.0
@@ -314,7 +313,7 @@ class Writer:
     async def _booked_already(self, row: RequestRecord) -> bool:
         """Whether a recovered row was refused because the request's own writer, only cut off
         when this one claimed its intent, has booked it since: its answered row stands."""
-        if row.request_id not in self._recovering:
+        if row.outcome != "outcome_unknown":  # only recovery makes such rows
             return False
         async with self.engine.connect() as conn:
             booked = (await conn.execute(select(ledger.c.id).where(
@@ -328,7 +327,6 @@ class Writer:
         for row in rows:
             self._buffer.popleft()
             self._intended.discard(row.request_id)
-            self._recovering.discard(row.request_id)
         self._oldest_waiting = time.monotonic() if self._buffer else None
         self._progress.set()
 
@@ -420,7 +418,6 @@ class Writer:
     async def _recover(self, conn: AsyncConnection, silent_since: dt.datetime) -> None:
         for row in await intents.claim(conn, self.writer_id, silent_since):
             self._intended.add(row.request_id)
-            self._recovering.add(row.request_id)
             self.recovered += 1
             self.submit(row)
 
